@@ -1,0 +1,282 @@
+"""TextModelOptimizer: load -> plan -> apply -> verify -> warm up -> optimized model + report."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchbridge.precision import cast_model, wrap_autocast
+from torchbridge.verify import VerificationError, padded_batch, token_id_range, verify_model
+
+from .config import TextModelConfig
+from .families import canonical_task, family_for
+from .loading import default_task, load_model, private_copy, task_of
+from .plan import Plan, make_plan
+from .report import OptimizationReport, count_sdpa_calls
+
+log = logging.getLogger("torchbridge")
+
+Step = Callable[[nn.Module, Plan, OptimizationReport], nn.Module]
+
+
+class CompileError(RuntimeError):
+    """torch.compile was explicitly requested and failed."""
+
+
+def _set_attention(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn.Module:
+    if not hasattr(model, "set_attn_implementation"):
+        report.step("attention", False, "not a transformers model: attention left as is")
+        return model
+    model.set_attn_implementation(plan.attention)
+    report.step("attention", plan.attention == "sdpa",
+                f"attn_implementation={plan.attention!r}")
+    return model
+
+
+def _cast(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn.Module:
+    model = cast_model(model, plan.dtype)
+    report.step("precision", plan.dtype != torch.float32, plan.dtype_reason)
+    return model
+
+
+def _quantize(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn.Module:
+    if plan.quantization is None:
+        report.step("quantization", False, "none requested")
+        return model
+    from torchbridge import quantization
+
+    model = quantization.quantize(model, plan.quantization)
+    report.step("quantization", True, plan.quantization)
+    return model
+
+
+def _to_device(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn.Module:
+    model = model.to(plan.device.torch_device)
+    report.step("device", True, str(plan.device.torch_device))
+    return model
+
+
+def _autocast(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn.Module:
+    if not plan.amp:
+        report.step("autocast", False, "use_amp off, or fp32 compute (nothing to autocast to)")
+        return model
+    report.step("autocast", True, f"forward under torch.autocast({plan.device.type}, {plan.dtype})")
+    return wrap_autocast(model, plan.device.type, plan.dtype)
+
+
+def _gradient_checkpointing(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn.Module:
+    if not plan.gradient_checkpointing:
+        report.step("gradient_checkpointing", False, "off")
+    elif not getattr(model, "supports_gradient_checkpointing", False):
+        report.step("gradient_checkpointing", False, "the architecture does not support it")
+    else:
+        model.gradient_checkpointing_enable()
+        report.step("gradient_checkpointing", True,
+                    "on: affects training only (inference keeps no activations to recompute)")
+    return model
+
+
+def _compile(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn.Module:
+    if not plan.compile:
+        report.step("torch.compile", False, "use_torch_compile=False")
+        return model
+    kwargs = plan.compile_kwargs()
+    # In place on our private copy, so the model keeps its class (pipelines, save_pretrained).
+    model.compile(**kwargs)
+    report.step("torch.compile", True, f"{plan.compile_mode}: {kwargs}")
+    return model
+
+
+# The apply step list, in order. Casting before the device move moves fewer bytes.
+STEPS: list[Step] = [_set_attention, _cast, _quantize, _to_device, _autocast,
+                     _gradient_checkpointing, _compile]
+
+
+def _graphs_compiled() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+class TextModelOptimizer:
+    """Optimizes a Hugging Face text model for the configured device and mode."""
+
+    def __init__(self, config: TextModelConfig | None = None) -> None:
+        self.config = config or TextModelConfig()
+        self._plan: Plan | None = None
+        self.report: OptimizationReport | None = None
+
+    @property
+    def plan(self) -> Plan:
+        if self._plan is None:
+            self._plan = make_plan(self.config)
+        return self._plan
+
+    @property
+    def device(self) -> torch.device:
+        return self.plan.device.torch_device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.plan.dtype
+
+    def get_optimization_info(self) -> dict[str, Any]:
+        """What the last optimize() applied, read back from the model, with the full report."""
+        if self.report is None:
+            raise RuntimeError("get_optimization_info() reports on a model: call optimize() first")
+        return self.report.info()
+
+    def optimize(self, model_name_or_model: str | nn.Module, task: str | None = None, *,
+                 inplace: bool = False, **from_pretrained_kwargs: Any) -> nn.Module:
+        """Return an optimized model: a copy of a given module unless ``inplace=True``."""
+        t0 = time.perf_counter()
+        if isinstance(model_name_or_model, nn.Module):
+            if from_pretrained_kwargs:
+                raise ValueError(f"loading arguments {sorted(from_pretrained_kwargs)} apply to a "
+                                 "model name or folder, not to an already-loaded model")
+            inferred = task_of(model_name_or_model)
+            task = canonical_task(task) if task else (inferred or "feature-extraction")
+            source = model_name_or_model if inplace else private_copy(model_name_or_model)
+            name = getattr(getattr(source, "config", None), "name_or_path", "") or type(source).__name__
+            random_weights = False
+        else:
+            name = str(model_name_or_model)
+            random_weights = self.config.random_weights
+            task = canonical_task(task) if task else default_task(name)
+            source = load_model(name, task, random_weights=random_weights, **from_pretrained_kwargs)
+        load_s = time.perf_counter() - t0
+        source = source.float().eval()
+
+        config = getattr(source, "config", None)
+        model_type = getattr(config, "model_type", "custom")
+        family = family_for(model_type)
+        self._plan = make_plan(
+            self.config,
+            model_max_positions=getattr(config, "max_position_embeddings", None)
+            or getattr(config, "n_positions", None),
+            supports_sdpa=bool(getattr(source, "_supports_sdpa", False)),
+        )
+        plan = self._plan
+        if plan.attention_explicit and self.config.enable_memory_efficient_attention \
+                and plan.attention != "sdpa":
+            raise ValueError(f"enable_memory_efficient_attention=True was requested but "
+                             f"{type(source).__name__} has no SDPA attention in transformers; "
+                             "fix: leave the field unset (auto) or set it to False")
+        report = OptimizationReport(name, task, model_type, random_weights, plan)
+        report.notes.extend(plan.notes)
+        if family is None:
+            report.notes.append(f"model_type {model_type!r} is not a known family "
+                                "(bert, distilbert, roberta, albert, gpt2, llama): only the generic "
+                                "steps ran")
+        report.timings["load_s"] = load_s
+
+        reference = None
+        if plan.verify:
+            reference = private_copy(source)
+            if hasattr(reference, "set_attn_implementation"):
+                reference.set_attn_implementation("eager")
+        model = self._apply(source, plan, report, reference, task)
+        if plan.dtype_auto and report.verify is not None and not report.verify.passed:
+            fallback = plan.with_dtype(torch.float32, f"float32: fallback, the auto choice "
+                                       f"{plan.dtype} failed verify ({report.verify.summary()})")
+            log.warning("torchbridge: %s", fallback.dtype_reason)
+            report.notes.append(fallback.dtype_reason)
+            report.plan, report.steps = fallback, []
+            self._plan = fallback
+            model = self._apply(private_copy(reference), fallback, report, reference, task)
+        if report.verify is not None and not report.verify.passed:
+            raise VerificationError(f"{name}: the optimized model differs from the fp32 eager "
+                                    f"model: {report.verify.summary()}; {report.verify.failures}")
+        del reference
+        self._warm_up(model, report)
+        report.read_back(model)
+        report.timings["total_s"] = time.perf_counter() - t0
+        self.report = report
+        for line in report.summary().splitlines():
+            log.info(line)
+        return model
+
+    def _apply(self, model: nn.Module, plan: Plan, report: OptimizationReport,
+               reference: nn.Module | None, task: str) -> nn.Module:
+        t0 = time.perf_counter()
+        for step in STEPS[:-1]:
+            model = step(model, plan, report)
+        probe = padded_batch(model.config, 2, 8, device=plan.device.torch_device) \
+            if hasattr(model, "config") else None
+        if probe is not None:
+            report.efficient_attention = count_sdpa_calls(model, probe) > 0
+        model = STEPS[-1](model, plan, report)
+        report.timings["apply_s"] = time.perf_counter() - t0
+
+        batch = padded_batch(model.config, 4, min(32, plan.max_sequence_length))
+        graphs_before = _graphs_compiled()
+        t0 = time.perf_counter()
+        try:
+            with torch.no_grad():
+                model(**{k: v.to(plan.device.torch_device) for k, v in batch.items()})
+        except Exception as err:  # noqa: BLE001 - any compiler failure, re-raised or reported
+            if not plan.compile or plan.compile_explicit:
+                raise CompileError(f"the first call of the optimized model failed: {err}. "
+                                   "Fix: TextModelConfig(use_torch_compile=False)") from err
+            report.notes.append(f"torch.compile failed ({type(err).__name__}: {err}); running "
+                                "uncompiled (compile was an auto choice)")
+            model._compiled_call_impl = None
+            report.steps[-1] = type(report.steps[-1])("torch.compile", False, "failed, see notes")
+        first_call = time.perf_counter() - t0
+        report.compiled = getattr(model, "_compiled_call_impl", None) is not None
+        report.compiled_graphs = _graphs_compiled() - graphs_before
+        report.timings["compile_s" if report.compiled else "first_call_s"] = first_call
+
+        if reference is not None:
+            t0 = time.perf_counter()
+            report.verify = verify_model(
+                model, reference, batch, device=plan.device.torch_device,
+                tolerance=plan.tolerance, classification=task in (
+                    "sequence-classification", "token-classification", "masked-lm", "causal-lm"),
+            )
+            report.timings["verify_s"] = time.perf_counter() - t0
+        return model
+
+    def _warm_up(self, model: nn.Module, report: OptimizationReport) -> None:
+        plan = report.plan
+        if plan.warmup_steps == 0 or not hasattr(model, "config"):
+            return
+        batch, seq = plan.warmup_shape
+        low, high = token_id_range(model.config)
+        ids = torch.randint(low, high, (batch, seq), generator=torch.Generator().manual_seed(1))
+        device = plan.device.torch_device
+        inputs = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
+        t0 = time.perf_counter()
+        graphs_before = _graphs_compiled()
+        profiler = _profiler(plan) if plan.profile else None
+        with torch.no_grad(), (profiler or contextlib.nullcontext()):
+            for _ in range(plan.warmup_steps):
+                model(**inputs)
+        report.compiled_graphs += _graphs_compiled() - graphs_before
+        report.timings["warmup_s"] = time.perf_counter() - t0
+        if profiler is not None:
+            sort_key = "self_cuda_time_total" if plan.device.type == "cuda" else "self_cpu_time_total"
+            events = profiler.key_averages()
+            report.profile_table = events.table(sort_by=sort_key, row_limit=20)
+            top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:20]
+            report.profile_top_ops = [
+                {"op": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3,
+                 "cpu_total_ms": e.cpu_time_total / 1e3} for e in top
+            ]
+
+
+def _profiler(plan: Plan):
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if plan.device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    elif plan.device.type == "xpu":
+        activities.append(ProfilerActivity.XPU)
+    return profile(activities=activities, record_shapes=True)
