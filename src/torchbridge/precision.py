@@ -1,10 +1,12 @@
 """Precision policy and the steps that apply it: casting, autocast, fp8 weight storage.
 
-What ``use_amp`` means here: the weights are cast to the planned dtype *and* the forward runs under
-``torch.autocast(device, dtype)``. With half-precision weights this keeps the numerically
-sensitive ops that autocast lists as fp32 (softmax, layer norm, reductions on CUDA; the CPU list
-is shorter) in fp32, and lets ops on mixed inputs run. With fp32 there is nothing to autocast to,
-so the step is skipped and the report says why.
+What ``use_amp`` means here (with half-precision compute; fp32 has nothing to autocast to, so the
+step is skipped and the report says why): mixed precision with half-precision weights. The matmul
+weights are stored in the planned dtype (the memory saving stays), the LayerNorms keep fp32
+weights and return fp32, so the residual stream between the layers stays in fp32, and the forward
+runs under ``torch.autocast(device, dtype)``, which feeds every matmul and attention in the planned
+dtype (on CUDA it also keeps softmax and reductions in fp32). ``use_amp=False`` is the plain cast:
+every weight and activation in the planned dtype, a little faster and a little less accurate.
 """
 
 from __future__ import annotations
@@ -70,12 +72,32 @@ def check_explicit_dtype(info: DeviceInfo, dtype: torch.dtype) -> str | None:
     return None
 
 
-def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Cast floating-point weights; fp8 is stored as fp8 weights with per-channel scales."""
+class Fp32LayerNorm(nn.LayerNorm):
+    """A LayerNorm with fp32 weights and fp32 output inside a half-precision model: under
+    autocast, the residual additions around it then happen in fp32 too."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return F.layer_norm(x.float(), self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+def cast_model(model: nn.Module, dtype: torch.dtype, *, fp32_norms: bool = False) -> nn.Module:
+    """Cast floating-point weights; fp8 is stored as fp8 weights with per-channel scales.
+    With ``fp32_norms`` the LayerNorms stay in fp32 (the mixed-precision half of use_amp)."""
+    norms = [m for m in model.modules() if type(m) is nn.LayerNorm] if fp32_norms else []
     if dtype == torch.float8_e4m3fn:
         model.to(torch.bfloat16)
-        return convert_linears_to_fp8(model)
-    return model.to(dtype)
+        convert_linears_to_fp8(model)
+    else:
+        model.to(dtype)
+    for norm in norms:
+        norm.float()
+        norm.__class__ = Fp32LayerNorm
+    return model
+
+
+def fp32_norm_count(model: nn.Module) -> int:
+    return sum(isinstance(m, Fp32LayerNorm) for m in model.modules())
 
 
 def wrap_autocast(model: nn.Module, device_type: str, dtype: torch.dtype) -> nn.Module:

@@ -40,7 +40,7 @@ def _set_attention(model: nn.Module, plan: Plan, report: OptimizationReport) -> 
 
 
 def _cast(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn.Module:
-    model = cast_model(model, plan.dtype)
+    model = cast_model(model, plan.dtype, fp32_norms=plan.amp)
     report.step("precision", plan.dtype != torch.float32, plan.dtype_reason)
     return model
 
@@ -66,7 +66,8 @@ def _autocast(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn.Mo
     if not plan.amp:
         report.step("autocast", False, "use_amp off, or fp32 compute (nothing to autocast to)")
         return model
-    report.step("autocast", True, f"forward under torch.autocast({plan.device.type}, {plan.dtype})")
+    report.step("autocast", True, f"forward under torch.autocast({plan.device.type}, {plan.dtype}),"
+                " LayerNorms in fp32")
     return wrap_autocast(model, plan.device.type, plan.dtype)
 
 
@@ -76,7 +77,9 @@ def _gradient_checkpointing(model: nn.Module, plan: Plan, report: OptimizationRe
     elif not getattr(model, "supports_gradient_checkpointing", False):
         report.step("gradient_checkpointing", False, "the architecture does not support it")
     else:
-        model.gradient_checkpointing_enable()
+        # transformers 5 renamed it; the old name still works but warns
+        (getattr(model, "activation_checkpointing_enable", None)
+         or model.gradient_checkpointing_enable)()
         report.step("gradient_checkpointing", True,
                     "on: affects training only (inference keeps no activations to recompute)")
     return model

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from torchbridge.backends import describe
-from torchbridge.precision import autocast_dtype, weight_dtype
+from torchbridge.precision import autocast_dtype, fp32_norm_count, weight_dtype
 from torchbridge.verify import VerifyResult
 
 from .plan import Plan
@@ -41,6 +41,7 @@ class OptimizationReport:
     attention_implementation: str = "eager"
     weight_dtype: str = "float32"
     amp_dtype: str | None = None
+    fp32_norms: int = 0
     gradient_checkpointing: bool = False
     profile_table: str | None = None
     profile_top_ops: list[dict[str, Any]] = field(default_factory=list)
@@ -54,7 +55,9 @@ class OptimizationReport:
         self.weight_dtype = str(weight_dtype(model)).replace("torch.", "")
         amp = autocast_dtype(model)
         self.amp_dtype = None if amp is None else str(amp).replace("torch.", "")
-        self.gradient_checkpointing = bool(getattr(model, "is_gradient_checkpointing", False))
+        self.fp32_norms = fp32_norm_count(model)
+        self.gradient_checkpointing = bool(getattr(model, "is_activation_checkpointing", None)
+                                           or getattr(model, "is_gradient_checkpointing", False))
         config = getattr(model, "config", None)
         self.attention_implementation = getattr(config, "_attn_implementation", None) or "eager"
 
@@ -71,6 +74,7 @@ class OptimizationReport:
             "dtype": self.weight_dtype,
             "dtype_reason": plan.dtype_reason,
             "amp_dtype": self.amp_dtype,
+            "fp32_norm_layers": self.fp32_norms,
             "quantization": plan.quantization,
             "optimization_mode": plan.mode.value,
             "torch_compile": self.compiled,

@@ -1,0 +1,293 @@
+"""One benchmark run: the fp32 eager baseline, TorchBridge's optimized model and the peers, on
+the same weights and the same token ids, timed by :func:`torchbridge.benchmark.time_callable`.
+"""
+
+from __future__ import annotations
+
+import gc
+import platform
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .benchmark import (
+    PeakMemory,
+    Row,
+    device_sync,
+    fill_speedups,
+    progress_bar,
+    time_callable,
+)
+from .peers import PEERS, Backend, PeerUnavailable, Workload, torch_backend
+
+DTYPES = {"auto": None, "float32": torch.float32, "fp32": torch.float32,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+OPTIONAL_PACKAGES = ("onnxruntime", "onnx", "openvino", "ctranslate2", "matplotlib", "tqdm")
+
+
+def env_report(device: str = "auto") -> dict[str, Any]:
+    """Versions, the device and what it computes natively, and what "auto" picks on it."""
+    import importlib.metadata as md
+
+    import transformers
+
+    import torchbridge
+    from torchbridge.backends import describe, detect
+    from torchbridge.models.text import TextModelConfig
+    from torchbridge.models.text.plan import make_plan
+
+    def version(pkg: str) -> str | None:
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return None
+
+    info = detect(device)
+    auto = {}
+    for mode in ("inference", "throughput"):
+        plan = make_plan(TextModelConfig(optimization_mode=mode, device=device))
+        auto[mode] = {"dtype": str(plan.dtype).replace("torch.", ""),
+                      "dtype_reason": plan.dtype_reason, "attention": plan.attention,
+                      "torch_compile": plan.compile,
+                      "compile_mode": plan.compile_mode if plan.compile else None,
+                      "quantization": plan.quantization}
+    return {
+        "torchbridge": torchbridge.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "peers": {pkg: version(pkg) for pkg in OPTIONAL_PACKAGES},
+        "device": describe(info),
+        "auto": auto,
+    }
+
+
+@dataclass
+class BenchSpec:
+    model: str
+    task: str | None = None
+    batch_size: int = 8
+    seq_len: int = 128
+    new_tokens: int = 50
+    mode: str = "inference"
+    dtype: str = "auto"
+    quantization: str | None = None
+    device: str = "auto"
+    compare: list[str] = field(default_factory=list)
+    random_weights: bool = False
+    runs: int = 10
+    warmup: int = 2
+    padded: bool = True  # also time the realistic mixed-length batch
+
+    def validate(self) -> None:
+        for name in ("batch_size", "seq_len", "runs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got "
+                                 f"{getattr(self, name)}")
+        if self.warmup < 0:
+            raise ValueError(f"--warmup must be >= 0, got {self.warmup}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown --dtype {self.dtype!r}; choices: {', '.join(DTYPES)}")
+
+
+def make_batch(config: Any, batch: int, seq: int, *, padded: bool, left_pad: bool,
+               seed: int = 0) -> dict[str, torch.Tensor]:
+    """Ordinary-word token ids from the model's vocabulary; the padded variant has rows from full
+    length down to about a quarter (the verify step's batch), the full variant all real tokens."""
+    from .verify import padded_batch
+
+    b = padded_batch(config, batch, seq, seed=seed, left_pad=left_pad)
+    if not padded:
+        from .verify import token_id_range
+
+        low, high = token_id_range(config)
+        gen = torch.Generator().manual_seed(seed)
+        b = {"input_ids": torch.randint(low, high, (batch, seq), generator=gen),
+             "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
+    return b
+
+
+def count_flops(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> int:
+    """FLOPs of one forward, counted by torch (matmuls and attention) on the eager model."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        model(**batch)
+    return int(counter.get_total_flops())
+
+
+def fidelity(out: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor,
+             generation: bool) -> tuple[float | None, float | None]:
+    """(max abs diff, agreement) against the fp32 eager outputs, on real tokens only."""
+    if generation:
+        if out.shape != ref.shape:
+            return None, 0.0
+        return None, float((out == ref).float().mean())
+    out, ref = out.float(), ref.float()
+    if out.shape != ref.shape:
+        raise ValueError(f"output shape {tuple(out.shape)} != reference {tuple(ref.shape)}")
+    if out.dim() >= 3:  # per-token outputs: padded positions are free to differ
+        keep = mask.bool().to(out.device)
+        out, ref = out[keep], ref[keep]
+    diff = float((out - ref).abs().max())
+    agree = float((out.argmax(-1) == ref.argmax(-1)).float().mean())
+    return diff, agree
+
+
+def _optimized_backend(spec: BenchSpec, wl: Workload, task: str) -> tuple[Backend, dict]:
+    from torchbridge.models.text import TextModelConfig, TextModelOptimizer
+
+    cfg = {"optimization_mode": spec.mode, "device": spec.device}
+    if DTYPES[spec.dtype] is not None:
+        cfg["dtype"] = DTYPES[spec.dtype]
+    if spec.quantization:
+        cfg["quantization"] = spec.quantization
+    if not wl.generation:
+        # warm up at the shape that will be timed, so compile work is not billed to the run
+        cfg.update(warmup_batch_size=spec.batch_size, warmup_seq_len=spec.seq_len)
+    opt = TextModelOptimizer(TextModelConfig(**cfg))
+    model = opt.optimize(wl.model, task=task)
+    info = opt.get_optimization_info()
+    notes = f"{info['backend']}, compile={info['torch_compile']}"
+    if info.get("quantization"):
+        notes += f", {info['quantization']}"
+    dtype = info.get("amp_dtype") or info.get("dtype")
+    return torch_backend(model, wl, str(dtype), notes=notes), info
+
+
+def run_benchmark(spec: BenchSpec, workdir: Path | None = None) -> dict[str, Any]:
+    """Run every row on every input variant and return the results document."""
+    from torchbridge.backends import detect
+    from torchbridge.models.text.families import canonical_task
+    from torchbridge.models.text.loading import default_task, load_model
+
+    spec.validate()
+    env = env_report(spec.device)
+    info = detect(spec.device)
+    device = info.torch_device
+    task = canonical_task(spec.task) if spec.task else default_task(spec.model)
+    generation = task == "causal-lm"
+    tmp = tempfile.TemporaryDirectory(prefix="torchbridge-bench-") if workdir is None else None
+    wdir = Path(tmp.name) if tmp else Path(workdir)
+    sync = device_sync(device)
+
+    t0 = time.perf_counter()
+    with PeakMemory(device) as mem:
+        reference = load_model(spec.model, task, random_weights=spec.random_weights,
+                               attn_implementation="eager")
+    load_s = time.perf_counter() - t0
+    reference = reference.float().eval()
+    wl = Workload(model=reference, task=task, device=device, workdir=wdir,
+                  new_tokens=spec.new_tokens)
+
+    variants = {"full": make_batch(reference.config, spec.batch_size, spec.seq_len,
+                                   padded=False, left_pad=generation)}
+    # a mixed-length variant needs more than one row; decoders pad on the left
+    if spec.padded and spec.batch_size > 1:
+        variants["padded"] = make_batch(reference.config, spec.batch_size, spec.seq_len,
+                                        padded=True, left_pad=generation)
+    flops = None if generation else count_flops(reference, variants["full"])
+    ref_bytes = sum(p.numel() * p.element_size() for p in reference.parameters())
+
+    names = ["baseline", "torchbridge", *spec.compare]
+    rows: list[Row] = []
+    reference_out: dict[str, torch.Tensor] = {}
+    optimization_info: dict | None = None
+    bar = progress_bar(len(names) * len(variants) * (1 + spec.warmup + spec.runs), "benchmark")
+    for name in names:
+        kind = {"baseline": "baseline", "torchbridge": "optimized"}.get(name, "peer")
+        bar.set_description(f"{name}: setting up")
+        t0 = time.perf_counter()
+        backend: Backend | None = None
+        try:
+            with PeakMemory(device) as setup_mem:
+                if name == "baseline":
+                    backend = torch_backend(reference.to(device), wl, "float32",
+                                            notes="HF eager fp32 (attn_implementation='eager')")
+                elif name == "torchbridge":
+                    backend, optimization_info = _optimized_backend(spec, wl, task)
+                else:
+                    backend = PEERS[name][0](wl)
+        except PeerUnavailable as err:
+            rows += [Row(name, v, kind, status="skipped", reason=str(err)) for v in variants]
+            bar.update((1 + spec.warmup + spec.runs) * len(variants))
+            continue
+        except Exception as err:  # noqa: BLE001 - one row failing must not lose the others
+            msg = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+            rows += [Row(name, v, kind, status="error", reason=msg) for v in variants]
+            bar.update((1 + spec.warmup + spec.runs) * len(variants))
+            continue
+        setup_s = load_s if name == "baseline" else time.perf_counter() - t0
+        setup_peak = mem.value if name == "baseline" else setup_mem.value
+        for variant, batch in variants.items():
+            row = Row(name, variant, kind, dtype=backend.dtype, setup_s=setup_s,
+                      notes=backend.notes, runs=spec.runs)
+            try:
+                native = backend.feed(batch)
+                bar.set_description(f"{name} [{variant}]: timing")
+                with PeakMemory(device) as run_mem:
+                    timing = time_callable(lambda b=backend, n=native: b.run(n), runs=spec.runs,
+                                           warmup=spec.warmup, sync=sync,
+                                           progress=lambda _s: bar.update(1))
+                out = backend.result(timing.last_output)
+            except Exception as err:  # noqa: BLE001
+                row.status, row.reason = "error", f"{type(err).__name__}: {err}"[:300]
+                rows.append(row)
+                continue
+            row.median_ms, row.p90_ms = timing.median_s * 1e3, timing.p90_s * 1e3
+            row.first_call_s = timing.first_call_s
+            peaks = [v for v in (setup_peak, run_mem.value) if v is not None]
+            row.peak_mem_mb = max(peaks) / 2**20 if peaks else None
+            if name == "baseline":
+                reference_out[variant] = out
+            if variant in reference_out:
+                row.max_abs_diff, row.agreement = fidelity(
+                    out, reference_out[variant], batch["attention_mask"], generation)
+            _rates(row, spec, timing.median_s, flops, backend.weight_bytes or ref_bytes,
+                   generation, batch)
+            rows.append(row)
+        del backend
+        gc.collect()
+    bar.close()
+    fill_speedups(rows)
+    if tmp:
+        tmp.cleanup()
+    return {
+        "env": env,
+        "workload": {
+            "model": spec.model, "task": task, "random_weights": spec.random_weights,
+            "batch_size": spec.batch_size, "seq_len": spec.seq_len,
+            "new_tokens": spec.new_tokens if generation else None,
+            "runs": spec.runs, "warmup": spec.warmup, "mode": spec.mode, "dtype": spec.dtype,
+            "quantization": spec.quantization, "device": str(device),
+            "compare": spec.compare, "flops_per_call": flops, "parameter_bytes": ref_bytes,
+            "variants": {v: {"real_token_fraction": float(b["attention_mask"].float().mean())}
+                         for v, b in variants.items()},
+            "inputs": "token ids drawn from the model's ordinary vocabulary (seeded); the padded "
+                      "variant masks rows down to ~1/4 length" + (" (left padding)"
+                                                                  if generation else ""),
+        },
+        "rows": [r.to_dict() for r in rows],
+        "optimization_info": optimization_info,
+    }
+
+
+def _rates(row: Row, spec: BenchSpec, median_s: float, flops: int | None, weight_bytes: int,
+           generation: bool, batch: dict[str, torch.Tensor]) -> None:
+    if generation:
+        tokens = spec.batch_size * spec.new_tokens
+        row.throughput, row.throughput_unit = tokens / median_s, "tokens/s"
+        row.ms_per_token = median_s * 1e3 / spec.new_tokens
+        # every decode step streams all the weights once: the bandwidth the row achieves
+        row.gb_per_s = weight_bytes / (median_s / spec.new_tokens) / 1e9
+    else:
+        row.throughput, row.throughput_unit = spec.batch_size / median_s, "sequences/s"
+        if flops:
+            row.gflops = flops / median_s / 1e9

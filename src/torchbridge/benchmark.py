@@ -1,0 +1,256 @@
+"""Timing harness and result records, shared by the CLI and ``benchmarks/``.
+
+What makes a number honest here (and what the tests check):
+
+* the first call is timed on its own and reported as ``first_call_s`` (it carries compilation,
+  lazy initialisation, kernel selection), then ``warmup`` more calls are made and thrown away;
+* the device is synchronised before the clock starts and before it stops, on every backend
+  (a no-op on CPU, a real barrier on cuda/xpu/mps, where kernels run asynchronously);
+* every timed call is kept, so the median and p90 come from the samples, never from a mean;
+* peak memory is measured around the timed calls of one row only.
+
+The heavier orchestration (workloads, peers, fidelity) lives in :mod:`torchbridge.bench_runner`;
+the writers (JSON, markdown, PNG) live in :mod:`torchbridge.bench_report`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+Clock = Callable[[], float]
+
+
+def _no_sync() -> None:
+    return None
+
+
+def device_sync(device: Any) -> Callable[[], None]:
+    """A zero-argument barrier for ``device`` (a ``torch.device``, its string, or ``None``).
+
+    Uses ``torchbridge.backends.synchronize`` when the library provides it, so that every
+    device type the library knows is covered in one place; falls back to torch's own.
+    """
+    if device is None:
+        return _no_sync
+    import torch
+
+    dev = torch.device(device) if not isinstance(device, torch.device) else device
+    if dev.type == "cpu":
+        return _no_sync
+    try:
+        from torchbridge.backends import synchronize
+    except ImportError:  # the lead's module not there yet: torch's per-type sync is equivalent
+        mod = getattr(torch, dev.type)
+        return lambda: mod.synchronize()
+    return lambda: synchronize(dev)
+
+
+def percentile(samples: list[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default), without numpy."""
+    if not samples:
+        raise ValueError("percentile of no samples")
+    xs = sorted(samples)
+    pos = (len(xs) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+@dataclass
+class Timing:
+    """Wall-clock samples of one callable; all times in seconds."""
+
+    first_call_s: float
+    samples_s: list[float]
+    warmup: int
+    last_output: Any = field(default=None, repr=False)
+
+    @property
+    def median_s(self) -> float:
+        return percentile(self.samples_s, 50)
+
+    @property
+    def p90_s(self) -> float:
+        return percentile(self.samples_s, 90)
+
+
+def time_callable(
+    fn: Callable[[], T],
+    *,
+    runs: int,
+    warmup: int = 1,
+    sync: Callable[[], None] = _no_sync,
+    clock: Clock = time.perf_counter,
+    progress: Callable[[str], None] | None = None,
+) -> Timing:
+    """Time ``fn`` as first call, ``warmup`` discarded calls, then ``runs`` timed calls.
+
+    ``sync`` is called before reading the clock on both sides of every call, so queued device
+    work from earlier calls is never billed to (or hidden from) the call being measured.
+    """
+    if runs < 1:
+        raise ValueError(f"runs must be >= 1, got {runs}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+
+    def once() -> tuple[float, T]:
+        sync()
+        t0 = clock()
+        out = fn()
+        sync()
+        return clock() - t0, out
+
+    first, out = once()
+    if progress:
+        progress("first")
+    for _ in range(warmup):
+        once()
+        if progress:
+            progress("warmup")
+    samples = []
+    for _ in range(runs):
+        dt, out = once()
+        samples.append(dt)
+        if progress:
+            progress("timed")
+    return Timing(first_call_s=first, samples_s=samples, warmup=warmup, last_output=out)
+
+
+# --- peak memory --------------------------------------------------------------------------
+
+
+class PeakMemory:
+    """Peak memory over a block, in bytes, relative to the start of the block.
+
+    CUDA/XPU: the allocator's high-water mark. CPU: the process resident-set high-water mark
+    (``VmHWM``), reset through ``/proc/self/clear_refs`` so each block is measured on its own;
+    where that file is not writable (not Linux) ``value`` stays ``None`` rather than reporting
+    the lifetime peak of the process as if it belonged to this block.
+    """
+
+    def __init__(self, device: Any = None) -> None:
+        import torch
+
+        self.device = torch.device(device or "cpu")
+        self.start: int | None = None
+        self.value: int | None = None
+
+    def __enter__(self) -> PeakMemory:
+        kind = self.device.type
+        if kind in ("cuda", "xpu"):
+            mod = getattr(__import__("torch"), kind)
+            mod.reset_peak_memory_stats(self.device)
+            self.start = mod.memory_allocated(self.device)
+        elif kind == "cpu" and _reset_rss_peak():
+            self.start = _read_status_kb("VmRSS") * 1024
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.start is None:
+            return
+        kind = self.device.type
+        if kind in ("cuda", "xpu"):
+            peak = getattr(__import__("torch"), kind).max_memory_allocated(self.device)
+        else:
+            peak = _read_status_kb("VmHWM") * 1024
+        self.value = max(0, peak - self.start)
+
+
+def _reset_rss_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # "5" resets the peak RSS counter (see proc(5))
+        return True
+    except OSError:
+        return False
+
+
+def _read_status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+# --- records ------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One line of the results table: one backend on one input variant."""
+
+    name: str
+    variant: str  # "full" or "padded"
+    kind: str  # "baseline" | "optimized" | "peer"
+    status: str = "ok"  # "ok" | "skipped" | "error"
+    reason: str | None = None
+    dtype: str | None = None
+    median_ms: float | None = None
+    p90_ms: float | None = None
+    runs: int | None = None
+    throughput: float | None = None
+    throughput_unit: str | None = None
+    speedup: float | None = None
+    setup_s: float | None = None  # load / convert / export / optimize, before the first call
+    first_call_s: float | None = None
+    peak_mem_mb: float | None = None
+    max_abs_diff: float | None = None
+    agreement: float | None = None  # argmax (encoders) or greedy-token (decoders) agreement
+    gflops: float | None = None
+    ms_per_token: float | None = None
+    gb_per_s: float | None = None
+    notes: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def fill_speedups(rows: Iterable[Row]) -> None:
+    """speedup = baseline median / row median, within the same input variant."""
+    rows = list(rows)
+    base = {r.variant: r.median_ms for r in rows if r.kind == "baseline" and r.status == "ok"}
+    for r in rows:
+        b = base.get(r.variant)
+        if r.status == "ok" and b and r.median_ms:
+            r.speedup = b / r.median_ms
+
+
+# --- progress -----------------------------------------------------------------------------
+
+
+def progress_bar(total: int, desc: str) -> Any:
+    """A tqdm bar on stderr, or a silent stand-in when stderr is not a terminal (CI, pipes)."""
+    enabled = sys.stderr.isatty() and os.environ.get("TORCHBRIDGE_NO_PROGRESS") is None
+    if enabled:
+        try:
+            from tqdm.auto import tqdm
+
+            return tqdm(total=total, desc=desc, file=sys.stderr, leave=False)
+        except ImportError:
+            pass
+    return _NullBar()
+
+
+class _NullBar:
+    def update(self, n: int = 1) -> None: ...
+    def set_description(self, desc: str) -> None: ...
+    def close(self) -> None: ...
+    def __enter__(self) -> _NullBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+def stage(desc: str) -> Iterator[None]:
+    """Print a one-line stage marker on stderr when interactive (loading, exporting, ...)."""
+    if sys.stderr.isatty() and os.environ.get("TORCHBRIDGE_NO_PROGRESS") is None:
+        print(f"  {desc} ...", file=sys.stderr, flush=True)
+    yield

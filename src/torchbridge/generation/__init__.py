@@ -1,0 +1,5 @@
+"""Fast text generation: static KV cache, eager prefill, compiled single-token decode step."""
+
+from torchbridge.generation.generator import FastGenerator, cache_length_bucket, verify_greedy
+
+__all__ = ["FastGenerator", "verify_greedy", "cache_length_bucket"]
