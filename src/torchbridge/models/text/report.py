@@ -56,8 +56,9 @@ class OptimizationReport:
         amp = autocast_dtype(model)
         self.amp_dtype = None if amp is None else str(amp).replace("torch.", "")
         self.fp32_norms = fp32_norm_count(model)
-        self.gradient_checkpointing = bool(getattr(model, "is_activation_checkpointing", None)
-                                           or getattr(model, "is_gradient_checkpointing", False))
+        flag = "is_activation_checkpointing"  # transformers 5 name; 4.x calls it is_gradient_...
+        flag = flag if hasattr(type(model), flag) else "is_gradient_checkpointing"
+        self.gradient_checkpointing = bool(getattr(model, flag, False))
         config = getattr(model, "config", None)
         self.attention_implementation = getattr(config, "_attn_implementation", None) or "eager"
 

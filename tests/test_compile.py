@@ -1,0 +1,74 @@
+"""The compiled path: one tiny model, compiled once, reused (compile is slow on 2 cores)."""
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from torchbridge.models.text import TextModelConfig, TextModelOptimizer
+from torchbridge.verify import padded_batch
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    model = tiny_model("bert", "sequence-classification", num_labels=3)
+    opt = TextModelOptimizer(TextModelConfig(dtype=torch.float32, warmup_steps=1, warmup_seq_len=24))
+    return model, opt.optimize(model), opt
+
+
+def test_compiled_model_is_reported_and_matches(compiled):
+    reference, model, opt = compiled
+    info = opt.get_optimization_info()
+    assert info["torch_compile"] and info["compile_mode"] == "reduce-overhead"
+    assert info["compile_options"] == {"options": {"freezing": True}}
+    assert info["compiled_graphs"] >= 1 and info["timings"]["compile_s"] > 0
+    assert info["verify"]["passed"]
+    assert type(model).__name__ == "BertForSequenceClassification"  # still the HF class
+    batch = padded_batch(reference.config, 3, 19)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, reference(**batch).logits,
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_no_recompile_per_sequence_length(compiled):
+    from torch._dynamo.utils import counters
+
+    _, model, _ = compiled
+    before = counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        for length in range(5, 60, 3):
+            for batch in (1, 2, 5):
+                model(**padded_batch(model.config, batch, length, seed=length))
+    # verify (4 x 32) then warm-up (1 x 24) already made the graph dynamic in both dims
+    assert counters["stats"]["unique_graphs"] - before == 0
+
+
+def test_compile_off_really_skips_it():
+    model = tiny_model("bert", "sequence-classification")
+    opt = TextModelOptimizer(TextModelConfig(use_torch_compile=False, warmup_steps=1))
+    optimized = opt.optimize(model)
+    assert getattr(optimized, "_compiled_call_impl", None) is None
+    assert opt.get_optimization_info()["torch_compile"] is False
+    assert opt.get_optimization_info()["compiled_graphs"] == 0
+
+
+def test_failed_auto_compile_is_not_reported_as_compiled(monkeypatch):
+    from torchbridge.models.text import optimizer as optimizer_module
+    from torchbridge.models.text.optimizer import CompileError
+
+    def broken_compile(model, plan, report):
+        model.compile(backend=_failing_backend)
+        report.step("torch.compile", True, "planted failing backend")
+        return model
+
+    monkeypatch.setattr(optimizer_module, "STEPS", [*optimizer_module.STEPS[:-1], broken_compile])
+    model = tiny_model("bert", "sequence-classification")
+    opt = TextModelOptimizer(TextModelConfig(warmup_steps=1))  # compile left to the mode preset
+    opt.optimize(model)
+    info = opt.get_optimization_info()
+    assert info["torch_compile"] is False and any("compile failed" in n for n in info["notes"])
+    with pytest.raises(CompileError, match="use_torch_compile=False"):
+        TextModelOptimizer(TextModelConfig(use_torch_compile=True, warmup_steps=1)).optimize(model)
+
+
+def _failing_backend(gm, example_inputs):
+    raise RuntimeError("planted compiler failure")
