@@ -69,7 +69,7 @@ def write_chart(doc: dict[str, Any], path: Path) -> Path:
     variants = list(dict.fromkeys(r["variant"] for r in rows)) or ["full"]
     fig, axes = plt.subplots(1, len(variants), figsize=(6 * len(variants), 0.5 * max(
         4, len(rows) // len(variants)) + 1.5), squeeze=False)
-    for ax, variant in zip(axes[0], variants):
+    for ax, variant in zip(axes[0], variants, strict=True):
         sel = [r for r in rows if r["variant"] == variant]
         labels = [f"{r['name']} ({r['dtype']})" for r in sel]
         values = [r["median_ms"] for r in sel]
@@ -78,7 +78,7 @@ def write_chart(doc: dict[str, Any], path: Path) -> Path:
         bars = ax.barh(labels, values, color=colors)
         ax.invert_yaxis()
         top = max(values) if values else 1.0
-        for bar, r in zip(bars, sel):
+        for bar, r in zip(bars, sel, strict=True):
             ax.text(bar.get_width() + top * 0.01, bar.get_y() + bar.get_height() / 2,
                     f"{r['speedup']:.2f}x" if r["speedup"] else "", va="center", fontsize=9)
         ax.set_xlim(0, top * 1.18)

@@ -84,6 +84,7 @@ class BenchSpec:
     runs: int = 10
     warmup: int = 2
     padded: bool = True  # also time the realistic mixed-length batch
+    compile: bool | None = None  # None: the mode's preset decides (torchbridge row only)
 
     def validate(self) -> None:
         for name in ("batch_size", "seq_len", "runs"):
@@ -149,6 +150,8 @@ def _optimized_backend(spec: BenchSpec, wl: Workload, task: str) -> tuple[Backen
         cfg["dtype"] = DTYPES[spec.dtype]
     if spec.quantization:
         cfg["quantization"] = spec.quantization
+    if spec.compile is not None:
+        cfg["use_torch_compile"] = spec.compile
     if not wl.generation:
         # warm up at the shape that will be timed, so compile work is not billed to the run
         cfg.update(warmup_batch_size=spec.batch_size, warmup_seq_len=spec.seq_len)
@@ -266,7 +269,7 @@ def run_benchmark(spec: BenchSpec, workdir: Path | None = None) -> dict[str, Any
             "batch_size": spec.batch_size, "seq_len": spec.seq_len,
             "new_tokens": spec.new_tokens if generation else None,
             "runs": spec.runs, "warmup": spec.warmup, "mode": spec.mode, "dtype": spec.dtype,
-            "quantization": spec.quantization, "device": str(device),
+            "quantization": spec.quantization, "device": str(device), "compile": spec.compile,
             "compare": spec.compare, "flops_per_call": flops, "parameter_bytes": ref_bytes,
             "variants": {v: {"real_token_fraction": float(b["attention_mask"].float().mean())}
                          for v, b in variants.items()},

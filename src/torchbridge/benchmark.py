@@ -19,7 +19,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
@@ -248,9 +248,3 @@ class _NullBar:
 
     def __exit__(self, *exc: object) -> None: ...
 
-
-def stage(desc: str) -> Iterator[None]:
-    """Print a one-line stage marker on stderr when interactive (loading, exporting, ...)."""
-    if sys.stderr.isatty() and os.environ.get("TORCHBRIDGE_NO_PROGRESS") is None:
-        print(f"  {desc} ...", file=sys.stderr, flush=True)
-    yield

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import copy
 import importlib
+import importlib.util
 import json
-import os
 import shutil
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,7 +190,14 @@ def export_onnx(wl: Workload) -> Path:
     if path.exists():
         return path
     model = wl.model.cpu()
-    if wl.generation:
+    with warnings.catch_warnings():  # the tracer's advice is about models we do not trace
+        warnings.simplefilter("ignore")
+        _export(model, wl.generation, path)
+    return path
+
+
+def _export(model: nn.Module, generation: bool, path: Path) -> None:
+    if generation:
         cfg = model.config
         layers, heads = cfg.num_hidden_layers, cfg.num_attention_heads
         head_dim = cfg.hidden_size // heads
@@ -213,7 +221,6 @@ def export_onnx(wl: Workload) -> Path:
                           input_names=names, output_names=["output"],
                           dynamic_axes={n: {0: "b", 1: "s"} for n in names}, dynamo=False,
                           opset_version=17)
-    return path
 
 
 def _ort_optimized(wl: Workload) -> Path:
@@ -292,7 +299,7 @@ def _greedy_loop(step: Callable[[dict], list], native: dict, names: list[str], h
     feed_ids, feed_pos = ids, positions
     for t in range(new_tokens):
         res = step({"input_ids": feed_ids, "attention_mask": full_mask, "position_ids": feed_pos,
-                    **dict(zip(names, past))})
+                    **dict(zip(names, past, strict=True))})
         nxt = res[0][:, -1].argmax(-1).astype(np.int64)[:, None]
         out[:, t] = nxt[:, 0]
         past = res[1:]
@@ -304,8 +311,6 @@ def _greedy_loop(step: Callable[[dict], list], native: dict, names: list[str], h
 
 def _ort_backend(wl: Workload, path: Path, dtype: str, notes: str) -> Backend:
     ort = need("onnxruntime")
-    if wl.device.type != "cpu":
-        raise PeerUnavailable(f"the ONNX Runtime row runs on CPU only here; asked for {wl.device}")
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = _threads()  # the same thread budget as torch
@@ -318,13 +323,20 @@ def _ort_backend(wl: Workload, path: Path, dtype: str, notes: str) -> Backend:
     return _session_runner(wl, run_one, dtype, path, notes)
 
 
+def _cpu_only(wl: Workload, runtime: str) -> None:
+    if wl.device.type != "cpu":
+        raise PeerUnavailable(f"the {runtime} row runs on CPU only here; asked for {wl.device}")
+
+
 def build_ort(wl: Workload) -> Backend:
+    _cpu_only(wl, "ONNX Runtime")
     need("onnxruntime")
     need("onnx")
     return _ort_backend(wl, _ort_optimized(wl), "float32", "export + ORT transformer optimizer")
 
 
 def build_ort_int8(wl: Workload) -> Backend:
+    _cpu_only(wl, "ONNX Runtime")
     need("onnxruntime")
     need("onnx")
     return _ort_backend(wl, _ort_quantized(wl), "int8 dynamic", "optimizer + quantize_dynamic")
@@ -336,9 +348,8 @@ def build_ort_int8(wl: Workload) -> Backend:
 def build_openvino(wl: Workload) -> Backend:
     """``openvino.convert_model`` on the torch model, compiled for CPU with default settings (its
     docs: the CPU plugin then picks bf16 where the CPU has it; the precision is read back)."""
+    _cpu_only(wl, "OpenVINO")
     ov = need("openvino")
-    if wl.device.type != "cpu":
-        raise PeerUnavailable(f"the OpenVINO row runs on CPU only here; asked for {wl.device}")
     model = wl.model.cpu()
     if wl.generation:
         # Tracing HF's DynamicCache fails in convert_model; OpenVINO reads the same KV-cache ONNX
@@ -358,8 +369,7 @@ def build_openvino(wl: Workload) -> Backend:
     names = [i.any_name for i in compiled.inputs]
 
     def run_one(feeds: dict) -> list:
-        res = request.infer({n: feeds[n] for n in names})
-        return [res[o] for o in compiled.outputs]
+        return list(request.infer({n: feeds[n] for n in names}).to_tuple())
 
     if src is not None:
         return _session_runner(wl, run_one, dtype, src, notes)
@@ -421,8 +431,8 @@ def _build_ct2(wl: Workload, compute_type: str) -> Backend:
 
         def feed(b: dict) -> list[list[str]]:
             # ids -> the stand-in tokens, dropping padding (CTranslate2 batches ragged prompts)
-            return [[f"<{i}>" for i, m in zip(row, mrow) if m]
-                    for row, mrow in zip(b["input_ids"].tolist(), b["attention_mask"].tolist())]
+            rows = zip(b["input_ids"].tolist(), b["attention_mask"].tolist(), strict=True)
+            return [[f"<{i}>" for i, m in zip(row, mrow, strict=True) if m] for row, mrow in rows]
 
         def run(prompts: list[list[str]]) -> Any:
             return gen.generate_batch(prompts, max_length=wl.new_tokens,
@@ -443,7 +453,7 @@ def _build_ct2(wl: Workload, compute_type: str) -> Backend:
 
     def feed_enc(b: dict) -> list[list[int]]:
         lengths = b["attention_mask"].sum(1).tolist()  # padding dropped, the runtime's strength
-        return [row[:n] for row, n in zip(b["input_ids"].tolist(), lengths)]
+        return [row[:n] for row, n in zip(b["input_ids"].tolist(), lengths, strict=True)]
 
     def run_enc(ids: list[list[int]]) -> Any:
         out = enc.forward_batch(ids)
@@ -505,4 +515,4 @@ def installed(name: str) -> bool:
     return importlib.util.find_spec(pkg) is not None
 
 
-__all__ = ["PEERS", "Backend", "PeerUnavailable", "Workload", "parse_compare", "os"]
+__all__ = ["PEERS", "Backend", "PeerUnavailable", "Workload", "parse_compare"]
