@@ -69,7 +69,8 @@ def test_every_mode_is_a_different_row():
     assert len(set(summary.values())) == 4
     assert plans[OptimizationMode.INFERENCE].compile_mode == "reduce-overhead"
     assert plans[OptimizationMode.THROUGHPUT].compile_mode == "max-autotune"
-    assert plans[OptimizationMode.THROUGHPUT].warmup_shape[0] > plans[OptimizationMode.INFERENCE].warmup_shape[0]
+    inference, throughput = plans[OptimizationMode.INFERENCE], plans[OptimizationMode.THROUGHPUT]
+    assert throughput.warmup_shape[0] > inference.warmup_shape[0]
     memory = plans[OptimizationMode.MEMORY]
     assert memory.gradient_checkpointing and memory.compile_mode == "default"
     assert memory.dtype == torch.bfloat16

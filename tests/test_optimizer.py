@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import no_compile, tiny_model
 
-from torchbridge.models.text import TextModelConfig, TextModelOptimizer
+from torchbridge.models.text import TextModelOptimizer
 from torchbridge.models.text.loading import ModelNotAvailableError
 from torchbridge.verify import VerificationError, padded_batch
 

@@ -134,7 +134,8 @@ class TextModelConfig:
                 f"got {self.dtype!r}"
             )
         if not isinstance(self.device, str):
-            raise ValueError(f"device must be a string such as 'auto', 'cpu' or 'cuda:0'; got {self.device!r}")
+            raise ValueError(f"device must be a string such as 'auto', 'cpu' or 'cuda:0'; "
+                             f"got {self.device!r}")
         validate_device_string(self.device.strip().lower())
         if self.quantization not in QUANTIZATION_CHOICES:
             raise ValueError(

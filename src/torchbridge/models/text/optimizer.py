@@ -49,10 +49,17 @@ def _quantize(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn.Mo
     if plan.quantization is None:
         report.step("quantization", False, "none requested")
         return model
-    from torchbridge import quantization
+    if plan.quantization == "int8-dynamic":
+        from torchbridge.int8_dynamic import quantize_dynamic_int8
 
-    model = quantization.quantize(model, plan.quantization)
-    report.step("quantization", True, plan.quantization)
+        model = quantize_dynamic_int8(model)
+        detail = "int8-dynamic: int8 weights (per channel) and activations (per token), int8 GEMMs"
+    else:
+        from torchbridge.quantization import quantize_weights_int8
+
+        model = quantize_weights_int8(model)
+        detail = "int8-weight-only: int8 weights (per channel), LM head included; float compute"
+    report.step("quantization", True, detail)
     return model
 
 

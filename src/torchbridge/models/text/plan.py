@@ -87,7 +87,7 @@ def make_plan(config: TextModelConfig, *, model_max_positions: int | None = None
             notes.append(note)
     elif dtype_setting == "half":
         dtype, dtype_auto = half_dtype(info), False
-        reason = f"{half_dtype(info)}: the {config.optimization_mode.value} mode stores half-precision weights"
+        reason = f"{dtype}: the {config.optimization_mode.value} mode stores half-precision weights"
         note = check_explicit_dtype(info, dtype)
         if note:
             notes.append(note)

@@ -1,0 +1,48 @@
+"""The optimizer's quantization and fp8 options, checked against the fp32 eager model."""
+
+import pytest
+import torch
+from conftest import no_compile, tiny_model
+
+from torchbridge.int8_dynamic import Int8DynamicLinear
+from torchbridge.models.text import TextModelOptimizer
+from torchbridge.precision import Fp8Linear, convert_linears_to_fp8
+from torchbridge.quantization import sqnr_db
+from torchbridge.verify import padded_batch
+
+
+def test_int8_dynamic_linear_is_close_to_float():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 37)
+    x = torch.randn(5, 7, 64)
+    q = Int8DynamicLinear(linear)
+    assert q.weight_t.dtype == torch.int8 and q.weight_t.shape == (64, 37)
+    assert sqnr_db(linear(x), q(x)) > 30
+
+
+@pytest.mark.parametrize("kind", ["int8-dynamic", "int8-weight-only"])
+@pytest.mark.parametrize("model_type, task", [("bert", "sequence-classification"),
+                                              ("gpt2", "causal-lm")])
+def test_quantized_models_pass_verify(kind, model_type, task):
+    model = tiny_model(model_type, task)
+    opt = TextModelOptimizer(no_compile(dtype=torch.float32, quantization=kind))
+    optimized = opt.optimize(model)
+    info = opt.get_optimization_info()
+    assert info["quantization"] == kind and info["verify"]["passed"]
+    assert info["dtype"] == "int8"  # most weight bytes are int8 now, read back from the model
+    batch = padded_batch(model.config, 2, 10)
+    with torch.no_grad():
+        ref, out = model(**batch).logits, optimized(**batch).logits
+    mask = batch["attention_mask"].bool()
+    real = (lambda t: t[mask]) if ref.dim() == 3 else (lambda t: t)
+    assert sqnr_db(real(ref), real(out)) > 20
+
+
+def test_fp8_weights_halve_bf16_memory_and_stay_close():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.GELU(), torch.nn.Linear(48, 16))
+    x = torch.randn(4, 32)
+    ref = model(x)
+    fp8 = convert_linears_to_fp8(model.to(torch.bfloat16))
+    assert isinstance(fp8[0], Fp8Linear) and fp8[0].weight_fp8.dtype == torch.float8_e4m3fn
+    assert sqnr_db(ref, fp8(x).float()) > 15
