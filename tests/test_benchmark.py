@@ -189,7 +189,7 @@ def test_encoder_peers_match_fp32(tiny_dirs: dict[str, Path]) -> None:
 
 
 def test_decoder_peers_match_greedy(tiny_dirs: dict[str, Path]) -> None:
-    peers = [p for p in ("ort", "ct2") if _installed(p)]
+    peers = [p for p in ("ort", "ct2", "openvino") if _installed(p)]
     doc = run_benchmark(BenchSpec(model=str(tiny_dirs["gpt2"]), batch_size=3, seq_len=6,
                                   new_tokens=6, compare=["hf-sdpa", *peers], runs=2, warmup=0,
                                   compile=False))

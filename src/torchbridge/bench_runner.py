@@ -5,6 +5,7 @@ the same weights and the same token ids, timed by :func:`torchbridge.benchmark.t
 from __future__ import annotations
 
 import gc
+import os
 import platform
 import tempfile
 import time
@@ -62,6 +63,8 @@ def env_report(device: str = "auto") -> dict[str, Any]:
         "transformers": transformers.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
+        # other processes competing for the cores skew every timing: say how busy the machine was
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "peers": {pkg: version(pkg) for pkg in OPTIONAL_PACKAGES},
         "device": describe(info),
         "auto": auto,
@@ -85,6 +88,7 @@ class BenchSpec:
     warmup: int = 2
     padded: bool = True  # also time the realistic mixed-length batch
     compile: bool | None = None  # None: the mode's preset decides (torchbridge row only)
+    threads: int | None = None  # CPU threads for torch and every peer (None: torch's default)
 
     def validate(self) -> None:
         for name in ("batch_size", "seq_len", "runs"):
@@ -93,6 +97,8 @@ class BenchSpec:
                                  f"{getattr(self, name)}")
         if self.warmup < 0:
             raise ValueError(f"--warmup must be >= 0, got {self.warmup}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {self.threads}")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown --dtype {self.dtype!r}; choices: {', '.join(DTYPES)}")
 
@@ -172,6 +178,8 @@ def run_benchmark(spec: BenchSpec, workdir: Path | None = None) -> dict[str, Any
     from torchbridge.models.text.loading import default_task, load_model
 
     spec.validate()
+    if spec.threads:
+        torch.set_num_threads(spec.threads)  # peers read the same number (peers._threads)
     env = env_report(spec.device)
     info = detect(spec.device)
     device = info.torch_device
@@ -270,6 +278,7 @@ def run_benchmark(spec: BenchSpec, workdir: Path | None = None) -> dict[str, Any
             "new_tokens": spec.new_tokens if generation else None,
             "runs": spec.runs, "warmup": spec.warmup, "mode": spec.mode, "dtype": spec.dtype,
             "quantization": spec.quantization, "device": str(device), "compile": spec.compile,
+            "threads": torch.get_num_threads(),
             "compare": spec.compare, "flops_per_call": flops, "parameter_bytes": ref_bytes,
             "variants": {v: {"real_token_fraction": float(b["attention_mask"].float().mean())}
                          for v, b in variants.items()},

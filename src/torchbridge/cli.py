@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print results.json instead of the table")
     p.add_argument("--no-compile", action="store_true",
                    help="optimized row without torch.compile (the mode's preset otherwise)")
+    p.add_argument("--threads", type=_positive, default=None,
+                   help="CPU threads for every row (default: torch's default)")
 
     p = sub.add_parser("generate", help="generate text with the optimized model")
     p.add_argument("model")
@@ -175,6 +177,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         quantization=args.quantization, device=args.device, compare=compare,
         random_weights=args.random_weights, runs=args.runs, warmup=args.warmup,
         padded=not args.no_padded, compile=False if args.no_compile else None,
+        threads=args.threads,
     )
     spec.validate()
     if args.random_weights:
@@ -215,9 +218,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.temperature > 0:
         sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
     torch.manual_seed(args.seed)
-    streamer = TextStreamer(tok, skip_prompt=True) if args.stream else None
-    if streamer:
-        print(args.prompt, end="", flush=True)
+    # the prompt goes through the streamer too, so streamed and printed text decode alike
+    streamer = TextStreamer(tok, skip_prompt=False, skip_special_tokens=True) \
+        if args.stream else None
     pad = tok.pad_token_id if tok.pad_token_id is not None else model.config.eos_token_id
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, streamer=streamer,

@@ -15,6 +15,7 @@ import copy
 import importlib
 import importlib.util
 import json
+import os
 import shutil
 import warnings
 from collections.abc import Callable
@@ -179,6 +180,18 @@ class _WithPast(nn.Module):
         return (out.logits, *present)
 
 
+class _FirstOutput(nn.Module):
+    """(input_ids, attention_mask) -> the first output (logits or last hidden state): positional
+    inputs, because the TorchScript exporter maps keyword inputs onto forward's positions."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask)[0]
+
+
 def _past_names(layers: int, prefix: str) -> list[str]:
     return [f"{prefix}.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
 
@@ -217,10 +230,9 @@ def _export(model: nn.Module, generation: bool, path: Path) -> None:
     else:
         ids = torch.ones(2, 8, dtype=torch.long)
         names = ["input_ids", "attention_mask"]
-        torch.onnx.export(model, (), str(path), kwargs={"input_ids": ids, "attention_mask": ids},
-                          input_names=names, output_names=["output"],
-                          dynamic_axes={n: {0: "b", 1: "s"} for n in names}, dynamo=False,
-                          opset_version=17)
+        torch.onnx.export(_FirstOutput(model).eval(), (ids, ids), str(path), input_names=names,
+                          output_names=["output"], dynamic_axes={n: {0: "b", 1: "s"} for n in names},
+                          dynamo=False, opset_version=17)
 
 
 def _ort_optimized(wl: Workload) -> Path:
@@ -366,7 +378,11 @@ def build_openvino(wl: Workload) -> Backend:
     precision = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
     dtype = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}.get(precision, precision)
     request = compiled.create_infer_request()
-    names = [i.any_name for i in compiled.inputs]
+    # a port can carry several tensor names (an ONNX input may also be named after the node that
+    # consumes it): look each port up by the name the feed uses
+    wanted = {"input_ids", "attention_mask", "position_ids", *_past_names(
+        wl.model.config.num_hidden_layers, "past")}
+    names = [next(iter(set(i.get_names()) & wanted), i.any_name) for i in compiled.inputs]
 
     def run_one(feeds: dict) -> list:
         return list(request.infer({n: feeds[n] for n in names}).to_tuple())
@@ -392,11 +408,12 @@ def _ct2_source(wl: Workload) -> Path:
     src = wl.workdir / "ct2-src"
     if src.exists():
         return src
-    shutil.copytree(wl.saved_dir(), src)
+    shutil.copytree(wl.saved_dir(), src, copy_function=_link_or_copy)
     cfg_path = src / "config.json"
     cfg = json.loads(cfg_path.read_text())
     if cfg.get("model_type") == "bert":
         cfg.setdefault("position_embedding_type", "absolute")
+    cfg_path.unlink()  # a hard link to the saved model's config: never write through it
     cfg_path.write_text(json.dumps(cfg))
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
@@ -407,6 +424,13 @@ def _ct2_source(wl: Workload) -> Path:
                                   unk_token=special, bos_token=special, eos_token=special)
     tok.save_pretrained(src)
     return src
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)  # the weights are only read: a hard link saves a copy of ~0.5 GB
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _ct2_converted(wl: Workload) -> Path:

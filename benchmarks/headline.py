@@ -1,0 +1,75 @@
+"""The guide's two headline workloads, measured here against the baseline and the installed peers.
+
+    python benchmarks/headline.py [--runs N] [--compare LIST] [--output DIR]
+
+1. bert-base-uncased, sequence classification, batch 8 x seq 128 (full and mixed-length padded);
+2. gpt2, batch 1, 8-token prompt, 50 greedy new tokens.
+
+Each model loads from a local folder or the Hugging Face cache; when it is not available offline
+it runs with seeded random weights (speed does not depend on the values) and the output says so.
+Writes DIR/<workload>/results.{json,md,png} and DIR/headline.json (both documents), and prints the
+two tables. Equivalent to two `torchbridge benchmark` commands (printed as they start).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from torchbridge.bench_report import markdown_table, write_results
+from torchbridge.bench_runner import BenchSpec, run_benchmark
+from torchbridge.models.text.loading import ModelNotAvailableError, load_config
+from torchbridge.peers import parse_compare
+
+WORKLOADS = [
+    # (folder name, model, task, batch, seq or prompt length, new tokens)
+    ("bert-base-b8-s128", "bert-base-uncased", "sequence-classification", 8, 128, 0),
+    ("gpt2-50-tokens", "gpt2", "causal-lm", 1, 8, 50),
+]
+
+
+def available_offline(name: str) -> bool:
+    try:
+        load_config(name)
+    except ModelNotAvailableError:
+        return False
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs", type=int, default=5, help="timed calls per row (default 5)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--compare", default="all", help="peers (default: all; missing = skipped)")
+    p.add_argument("--output", type=Path, default=Path("bench-results/headline"))
+    args = p.parse_args(argv)
+    compare = parse_compare(args.compare)
+    docs = {}
+    for folder, model, task, batch, seq, new in WORKLOADS:
+        random = not available_offline(model)
+        cmd = (f"torchbridge benchmark {model} --task {task} --batch-size {batch} --seq-len {seq}"
+               + (f" --new-tokens {new}" if new else "") + (" --random-weights" if random else "")
+               + f" --runs {args.runs} --warmup {args.warmup} --compare {args.compare}"
+               + f" --output {args.output / folder}")
+        print(f"$ {cmd}", file=sys.stderr)
+        if random:
+            print(f"note: {model} is not available offline: seeded random weights (timings are "
+                  "real; outputs are not the trained model's)", file=sys.stderr)
+        spec = BenchSpec(model=model, task=task, batch_size=batch, seq_len=seq,
+                         new_tokens=new or 50, compare=compare, random_weights=random,
+                         runs=args.runs, warmup=args.warmup)
+        doc = run_benchmark(spec)
+        doc["command"] = cmd
+        write_results(doc, args.output / folder)
+        print(markdown_table(doc))
+        docs[folder] = doc
+    (args.output / "headline.json").write_text(json.dumps(docs, indent=2, default=str) + "\n")
+    print(f"wrote {args.output}/headline.json and per-workload results.json/.md/.png",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
