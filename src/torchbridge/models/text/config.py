@@ -112,6 +112,7 @@ class TextModelConfig:
     verify_tolerance: float | None = None  # None = per-dtype default (see verify.py)
     warmup_batch_size: int = 1
     warmup_seq_len: int = 128
+    trim_padding: bool = True  # encoders: run padded batches in trimmed groups (see padding.py)
     _explicit: frozenset[str] = field(default=frozenset(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

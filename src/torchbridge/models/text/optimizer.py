@@ -11,11 +11,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchbridge.padding import PER_TOKEN_FIELDS, wrap_trim_padding
 from torchbridge.precision import cast_model, wrap_autocast
 from torchbridge.verify import VerificationError, padded_batch, token_id_range, verify_model
 
 from .config import TextModelConfig
-from .families import canonical_task, family_for
+from .families import Family, canonical_task, family_for
 from .loading import default_task, load_model, private_copy, task_of
 from .plan import Plan, make_plan
 from .report import OptimizationReport, count_sdpa_calls
@@ -23,6 +24,9 @@ from .report import OptimizationReport, count_sdpa_calls
 log = logging.getLogger("torchbridge")
 
 Step = Callable[[nn.Module, Plan, OptimizationReport], nn.Module]
+
+
+_DECODER = Family("unknown", True, "causal-lm", frozenset())  # unknown families: not trimmed
 
 
 class CompileError(RuntimeError):
@@ -97,15 +101,48 @@ def _compile(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn.Mod
         report.step("torch.compile", False, "use_torch_compile=False")
         return model
     kwargs = plan.compile_kwargs()
-    # In place on our private copy, so the model keeps its class (pipelines, save_pretrained).
-    model.compile(**kwargs)
+    # The forward is compiled, not the module: the model keeps its class (pipelines,
+    # save_pretrained) and the padding trimmer can stay outside the graph.
+    model.forward = torch.compile(model.forward, **kwargs)
     report.step("torch.compile", True, f"{plan.compile_mode}: {kwargs}")
+    return model
+
+
+def _trim_padding(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn.Module:
+    task = report.task
+    if not plan.trim_padding:
+        report.step("trim_padding", False, "trim_padding=False")
+    elif task not in PER_TOKEN_FIELDS or (family_for(report.model_type) or _DECODER).decoder:
+        report.step("trim_padding", False, f"only for encoder tasks ({report.model_type}, {task})")
+    else:
+        model = wrap_trim_padding(model, task)
+        report.step("trim_padding", True, "right-padded batches run in groups of similar length, "
+                    "each trimmed to its longest row")
     return model
 
 
 # The apply step list, in order. Casting before the device move moves fewer bytes.
 STEPS: list[Step] = [_set_attention, _cast, _quantize, _to_device, _autocast,
-                     _gradient_checkpointing, _compile]
+                     _gradient_checkpointing, _compile, _trim_padding]
+
+
+def _forward_chain(model: nn.Module):
+    forward = model.__dict__.get("forward")
+    while forward is not None:
+        yield forward
+        forward = getattr(forward, "__wrapped__", None) or getattr(
+            forward, "_torchdynamo_orig_callable", None)
+
+
+def is_compiled(model: nn.Module) -> bool:
+    """Read back whether the model's forward goes through torch.compile."""
+    return any(hasattr(f, "_torchdynamo_orig_callable") for f in _forward_chain(model))
+
+
+def uncompile(model: nn.Module) -> None:
+    """Put back the function torch.compile wrapped (after a failed compile; it is outermost)."""
+    forward = model.__dict__.get("forward")
+    model.forward = getattr(forward, "_torchdynamo_orig_callable", forward)
 
 
 def _graphs_compiled() -> int:
@@ -214,34 +251,20 @@ class TextModelOptimizer:
 
     def _apply(self, model: nn.Module, plan: Plan, report: OptimizationReport,
                reference: nn.Module | None, task: str) -> nn.Module:
-        t0 = time.perf_counter()
-        for step in STEPS[:-1]:
-            model = step(model, plan, report)
-        probe = padded_batch(model.config, 2, 8, device=plan.device.torch_device) \
+        batch = padded_batch(model.config, 4, min(32, plan.max_sequence_length)) \
             if hasattr(model, "config") else None
-        if probe is not None:
-            report.efficient_attention = count_sdpa_calls(model, probe) > 0
-        model = STEPS[-1](model, plan, report)
-        report.timings["apply_s"] = time.perf_counter() - t0
-
-        batch = padded_batch(model.config, 4, min(32, plan.max_sequence_length))
-        graphs_before = _graphs_compiled()
-        t0 = time.perf_counter()
-        try:
-            with torch.no_grad():
-                model(**{k: v.to(plan.device.torch_device) for k, v in batch.items()})
-        except Exception as err:  # noqa: BLE001 - any compiler failure, re-raised or reported
-            if not plan.compile or plan.compile_explicit:
-                raise CompileError(f"the first call of the optimized model failed: {err}. "
-                                   "Fix: TextModelConfig(use_torch_compile=False)") from err
-            report.notes.append(f"torch.compile failed ({type(err).__name__}: {err}); running "
-                                "uncompiled (compile was an auto choice)")
-            model._compiled_call_impl = None
-            report.steps[-1] = type(report.steps[-1])("torch.compile", False, "failed, see notes")
-        first_call = time.perf_counter() - t0
-        report.compiled = getattr(model, "_compiled_call_impl", None) is not None
-        report.compiled_graphs = _graphs_compiled() - graphs_before
-        report.timings["compile_s" if report.compiled else "first_call_s"] = first_call
+        apply_s = 0.0
+        for step in STEPS:
+            t0 = time.perf_counter()
+            if step is _compile and batch is not None:
+                # proof of fused attention, counted on the eager forward before it is compiled
+                probe = padded_batch(model.config, 2, 8, device=plan.device.torch_device)
+                report.efficient_attention = count_sdpa_calls(model, probe) > 0
+            model = step(model, plan, report)
+            apply_s += time.perf_counter() - t0
+            if step is _compile and batch is not None:
+                self._first_call(model, plan, report, batch)  # compiles (lazily) or fails here
+        report.timings["apply_s"] = apply_s
 
         if reference is not None:
             t0 = time.perf_counter()
@@ -252,6 +275,32 @@ class TextModelOptimizer:
             )
             report.timings["verify_s"] = time.perf_counter() - t0
         return model
+
+    @staticmethod
+    def _first_call(model: nn.Module, plan: Plan, report: OptimizationReport,
+                    batch: dict[str, torch.Tensor]) -> None:
+        graphs_before = _graphs_compiled()
+        inputs = {k: v.to(plan.device.torch_device) for k, v in batch.items()}
+        for tensor in inputs.values():
+            # compile for any batch size and length at once (within max_sequence_length) instead
+            # of one static graph first and a dynamic one at the second shape
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+            torch._dynamo.maybe_mark_dynamic(tensor, 1)
+        t0 = time.perf_counter()
+        try:
+            with torch.no_grad():
+                model(**inputs)
+        except Exception as err:  # noqa: BLE001 - any compiler failure, re-raised or reported
+            if not plan.compile or plan.compile_explicit:
+                raise CompileError(f"the first call of the optimized model failed: {err}. "
+                                   "Fix: TextModelConfig(use_torch_compile=False)") from err
+            report.notes.append(f"torch.compile failed ({type(err).__name__}: {err}); running "
+                                "uncompiled (compile was an auto choice)")
+            uncompile(model)
+            report.steps[-1] = type(report.steps[-1])("torch.compile", False, "failed, see notes")
+        report.compiled = is_compiled(model)
+        report.compiled_graphs = _graphs_compiled() - graphs_before
+        report.timings["compile_s" if report.compiled else "first_call_s"] = time.perf_counter() - t0
 
     def _warm_up(self, model: nn.Module, report: OptimizationReport) -> None:
         plan = report.plan

@@ -41,6 +41,7 @@ class Plan:
     profile: bool
     verify: bool
     tolerance: float
+    trim_padding: bool
     notes: tuple[str, ...] = field(default=())
 
     def compile_kwargs(self) -> dict[str, Any]:
@@ -127,5 +128,6 @@ def make_plan(config: TextModelConfig, *, model_max_positions: int | None = None
         gradient_checkpointing=bool(_setting(config, "gradient_checkpointing")),
         warmup_steps=config.warmup_steps, warmup_shape=warmup_shape, max_sequence_length=max_len,
         profile=config.enable_profiling, verify=config.verify, tolerance=tolerance,
+        trim_padding=config.trim_padding,
         notes=tuple(notes),
     )

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from torchbridge.backends import describe
+from torchbridge.padding import trims_padding
 from torchbridge.precision import autocast_dtype, fp32_norm_count, weight_dtype
 from torchbridge.verify import VerifyResult
 
@@ -42,6 +43,7 @@ class OptimizationReport:
     weight_dtype: str = "float32"
     amp_dtype: str | None = None
     fp32_norms: int = 0
+    trim_padding: bool = False
     gradient_checkpointing: bool = False
     profile_table: str | None = None
     profile_top_ops: list[dict[str, Any]] = field(default_factory=list)
@@ -56,6 +58,7 @@ class OptimizationReport:
         amp = autocast_dtype(model)
         self.amp_dtype = None if amp is None else str(amp).replace("torch.", "")
         self.fp32_norms = fp32_norm_count(model)
+        self.trim_padding = trims_padding(model)
         flag = "is_activation_checkpointing"  # transformers 5 name; 4.x calls it is_gradient_...
         flag = flag if hasattr(type(model), flag) else "is_gradient_checkpointing"
         self.gradient_checkpointing = bool(getattr(model, flag, False))
@@ -76,6 +79,7 @@ class OptimizationReport:
             "dtype_reason": plan.dtype_reason,
             "amp_dtype": self.amp_dtype,
             "fp32_norm_layers": self.fp32_norms,
+            "trim_padding": self.trim_padding,
             "quantization": plan.quantization,
             "optimization_mode": plan.mode.value,
             "torch_compile": self.compiled,
