@@ -106,7 +106,7 @@ def _merge(outputs: list, groups: list[list[int]], batch: int, seq_len: int, per
             continue
         shape = (batch, seq_len, *value.shape[2:]) if key in per_token else (batch, *value.shape[1:])
         full = value.new_zeros(shape)
-        for rows, out in zip(groups, outputs):
+        for rows, out in zip(groups, outputs, strict=True):
             part = out[key]
             index = torch.tensor(rows, device=part.device)
             if key in per_token:
