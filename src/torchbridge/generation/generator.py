@@ -92,6 +92,8 @@ class FastGenerator:
             "weight_bytes_per_token": self.decoder.weight_bytes_per_token(),
         }
         if compile:
+            import torch._inductor.inductor_prims  # noqa: F401  (used by decoders._realize)
+
             options = _inductor_options(compile_mode, self.device)
 
             def backend(gm: torch.fx.GraphModule, example_inputs: list) -> Any:
@@ -153,6 +155,7 @@ class FastGenerator:
             self.model.generation_config,
             {"max_length": max_length, "max_new_tokens": max_new_tokens, **kwargs},
             t,
+            getattr(self.model.config, "max_position_embeddings", None),
         )
         if attention_mask is None:
             attention_mask = self._default_mask(input_ids, s.pad_token_id, s.eos_token_ids)
@@ -169,7 +172,7 @@ class FastGenerator:
         if limit is not None and int(attention_mask.sum(-1).max()) + n_new - 1 > limit:
             raise ValueError(f"prompt + {n_new} new tokens exceed the model's {limit} positions")
 
-        cache = self._cache(b, cache_length_bucket(t + n_new - 1))
+        cache = self._cache(b, t + n_new - 1)
         gemv = self.compile and b == 1
         key = (b, cache.length, gemv)
         procs = build_processors(s, t, attention_mask, self.device)
@@ -250,12 +253,15 @@ class FastGenerator:
             return input_ids.ne(pad).long()
         return torch.ones_like(input_ids)
 
-    def _cache(self, batch: int, length: int) -> StaticKVCache:
-        key = (batch, length)
+    def _cache(self, batch: int, needed: int) -> StaticKVCache:
+        # Reuse the smallest cache already allocated (and compiled for) that has room: a shorter
+        # request then costs a little extra attention over masked slots instead of a new compile.
+        fits = [k for k in self._caches if k[0] == batch and k[1] >= needed]
+        key = min(fits, key=lambda k: k[1]) if fits else (batch, cache_length_bucket(needed))
         if key in self._caches:
             self._caches.move_to_end(key)
             return self._caches[key]
-        cache = self.decoder.new_cache(batch, length, self.device)
+        cache = self.decoder.new_cache(batch, key[1], self.device)
         self._caches[key] = cache
         if len(self._caches) > _MAX_CACHES:
             self._caches.popitem(last=False)

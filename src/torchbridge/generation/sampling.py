@@ -81,10 +81,14 @@ def _as_list(x: int | list[int] | torch.Tensor | None) -> list[int] | None:
 
 
 def resolve_settings(
-    generation_config: GenerationConfig | None, kwargs: dict, input_length: int
+    generation_config: GenerationConfig | None,
+    kwargs: dict,
+    input_length: int,
+    max_positions: int | None = None,
 ) -> GenSettings:
     """Merge HF defaults <- the model's generation_config <- the call's kwargs, like HF."""
     base: dict = dict(_HF_DEFAULTS)
+    model_max_length = None
     if generation_config is not None:
         gc = generation_config.to_dict()
         for name, off in _MUST_BE_OFF.items():
@@ -97,15 +101,22 @@ def resolve_settings(
                     "pad_token_id"):
             if gc.get(key) is not None:
                 base[key] = gc[key]
+        model_max_length = gc.get("max_length")
     for key, value in kwargs.items():
         if value is not None:
             base[key] = value
-    if kwargs.get("max_new_tokens") is None and kwargs.get("max_length") is not None:
-        base.pop("max_new_tokens", None)  # an explicit max_length beats a config max_new_tokens
+    # HF's `_prepare_generated_length`: max_new_tokens (from the call or the model) wins; else an
+    # explicit max_length (call or model) is the total length; else 20 new tokens, capped by
+    # the model's position limit.
     if base.get("max_new_tokens") is not None:
         max_new = int(base["max_new_tokens"])
-    else:
+    elif kwargs.get("max_length") is not None or model_max_length is not None:
         max_new = int(base["max_length"]) - input_length
+    else:
+        total = _HF_DEFAULTS["max_length"] + input_length
+        if max_positions is not None:
+            total = min(total, max_positions)
+        max_new = total - input_length
     if max_new < 1:
         raise ValueError(
             f"nothing to generate: the prompt has {input_length} tokens and max_length is "
