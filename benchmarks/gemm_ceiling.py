@@ -44,10 +44,11 @@ def measure(device: torch.device, runs: int = 20) -> dict[str, float]:
         flops = 2.0 * m * k * n
         x = torch.randn(m, k, device=device)
         w = torch.randn(n, k, device=device) * 0.02
+        xb, wb, xh, wh = x.bfloat16(), w.bfloat16(), x.half(), w.half()
         paths = {
             "fp32": lambda x=x, w=w: F.linear(x, w),
-            "bf16": lambda x=x.bfloat16(), w=w.bfloat16(): F.linear(x, w),
-            "fp16": lambda x=x.half(), w=w.half(): F.linear(x, w),
+            "bf16": lambda x=xb, w=wb: F.linear(x, w),
+            "fp16": lambda x=xh, w=wh: F.linear(x, w),
         }
         a8 = torch.randint(-127, 127, (m, k), dtype=torch.int8, device=device)
         b8 = torch.randint(-127, 127, (k, n), dtype=torch.int8, device=device)

@@ -1,0 +1,88 @@
+"""Which torch.compile settings pay on this device, for an encoder: the study behind the plan.
+
+Times BERT-base (random weights; speed does not depend on them) at batch 8 x 128 in bf16 (or
+--dtype) with SDPA: eager, torch.compile default, with inductor freezing, and with freezing +
+dynamic shapes (what TextModelOptimizer uses on CPU), each in this one process, median and p90
+after warm-up, compile time apart. Writes JSON:
+
+    python benchmarks/cpu_compile_settings.py --output bench-results/cpu_compile_settings.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from torchbridge.backends import describe, detect, synchronize
+from torchbridge.models.text.loading import load_model
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+
+
+def _time(fn, device, runs: int) -> tuple[float, float, float]:
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    first = time.perf_counter() - start
+    fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    times.sort()
+    return first, statistics.median(times), times[int(0.9 * (len(times) - 1))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="bert-base-uncased")
+    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--output", type=Path, default=Path("bench-results/cpu_compile_settings.json"))
+    args = parser.parse_args()
+    info = detect(args.device)
+    device = info.torch_device
+    ids = torch.randint(1000, 30000, (args.batch_size, args.seq_len), device=device)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    variants = {
+        "eager": None,
+        "compile default": {},
+        "compile freezing": {"options": {"freezing": True}},
+        "compile freezing + dynamic": {"options": {"freezing": True}, "dynamic": True},
+    }
+    rows = []
+    for name, kwargs in variants.items():
+        torch._dynamo.reset()
+        model = load_model(args.model, "sequence-classification", random_weights=True,
+                           attn_implementation="sdpa").to(device, DTYPES[args.dtype])
+        forward = model.forward if kwargs is None else torch.compile(model.forward, **kwargs)
+
+        def call(forward=forward):
+            with torch.no_grad():
+                return forward(**inputs).logits
+
+        first, median, p90 = _time(call, device, args.runs)
+        rows.append({"variant": name, "first_call_s": round(first, 2), "median_ms": round(median, 1),
+                     "p90_ms": round(p90, 1)})
+        print(f"{name:>28}: median {median:7.1f} ms  p90 {p90:7.1f} ms  first call {first:6.1f} s")
+    base = rows[0]["median_ms"]
+    for row in rows:
+        row["speedup_vs_eager"] = round(base / row["median_ms"], 3)
+    result = {"device": describe(info), "torch": torch.__version__, "model": args.model,
+              "dtype": args.dtype, "shape": [args.batch_size, args.seq_len], "rows": rows}
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
