@@ -231,3 +231,14 @@ def test_workload_saves_once(tmp_path: Path) -> None:
 
     wl = Workload(tiny_model("bert"), "sequence-classification", torch.device("cpu"), tmp_path)
     assert wl.saved_dir() == wl.saved_dir() and (wl.saved_dir() / "config.json").is_file()
+
+
+def test_compile_time_is_billed_to_the_first_call(tiny_dirs: dict[str, Path]) -> None:
+    """The one compile case: torch.compile's work shows up in first_call_s, not in the samples."""
+    doc = run_benchmark(BenchSpec(model=str(tiny_dirs["bert"]), batch_size=2, seq_len=8,
+                                  compare=["torch-compile"], runs=3, warmup=1, compile=False,
+                                  padded=False))
+    (row,) = _ok(doc, "torch-compile")
+    assert row["first_call_s"] > 0.5  # dynamo + inductor: seconds, even for a tiny model
+    assert row["median_ms"] / 1e3 < row["first_call_s"] / 10
+    assert row["max_abs_diff"] < 1e-4

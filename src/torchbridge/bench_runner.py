@@ -168,7 +168,37 @@ def _optimized_backend(spec: BenchSpec, wl: Workload, task: str) -> tuple[Backen
     if info.get("quantization"):
         notes += f", {info['quantization']}"
     dtype = info.get("amp_dtype") or info.get("dtype")
+    if wl.generation:
+        fast = fast_generator(model, info)
+        if fast is not None:  # the library's decoding path: static KV cache, compiled step
+            backend = torch_backend(model, wl, str(dtype), call=fast_generate_fn(
+                fast, wl.new_tokens), notes=notes + ", FastGenerator")
+            backend.weight_bytes = fast.stats.get("weight_bytes_per_token") or backend.weight_bytes
+            return backend, info
     return torch_backend(model, wl, str(dtype), notes=notes), info
+
+
+def fast_generator(model: torch.nn.Module, info: dict) -> Any:
+    """torchbridge.generation.FastGenerator for the optimized model, or None where it does not
+    apply (unsupported architecture, module absent). It compiles its own decode step when the
+    plan compiles."""
+    try:
+        from torchbridge.generation import FastGenerator
+    except ImportError:
+        return None
+    if not FastGenerator.supports(model):
+        return None
+    return FastGenerator(model, compile=bool(info.get("torch_compile")),
+                         compile_mode=info.get("compile_mode") or "reduce-overhead")
+
+
+def fast_generate_fn(gen: Any, new_tokens: int) -> Any:
+    def call(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = gen.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                           do_sample=False, pad_token_id=gen.model.config.eos_token_id)
+        return out[:, batch["input_ids"].shape[1]:]
+
+    return call
 
 
 def run_benchmark(spec: BenchSpec, workdir: Path | None = None) -> dict[str, Any]:

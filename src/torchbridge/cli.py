@@ -142,6 +142,8 @@ def cmd_env(args: argparse.Namespace) -> int:
     print(f"torchbridge {env['torchbridge']}  torch {env['torch']}  "
           f"transformers {env['transformers']}  python {env['python']}")
     print(f"platform    {env['platform']}")
+    if env.get("load_average"):
+        print(f"load avg    {' '.join(f'{x:.2f}' for x in env['load_average'])} (1, 5, 15 min)")
     peers = ", ".join(f"{k} {v}" if v else f"{k} (not installed)"
                       for k, v in env["peers"].items())
     print(f"optional    {peers}")
@@ -204,6 +206,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
     from transformers import TextStreamer
 
+    from torchbridge.bench_runner import fast_generator
     from torchbridge.models.text import TextModelOptimizer
 
     if args.temperature < 0:
@@ -222,8 +225,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     streamer = TextStreamer(tok, skip_prompt=False, skip_special_tokens=True) \
         if args.stream else None
     pad = tok.pad_token_id if tok.pad_token_id is not None else model.config.eos_token_id
-    with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, streamer=streamer,
+    # the library's decoding path (static KV cache, compiled decode step) where it applies
+    generator = fast_generator(model, opt.get_optimization_info()) or model
+    with torch.no_grad():  # the warm-up ran under no_grad: same guards, no recompile
+        out = generator.generate(**inputs, max_new_tokens=args.max_new_tokens, streamer=streamer,
                              pad_token_id=pad, **sampling)
     if not streamer:
         print(tok.decode(out[0], skip_special_tokens=True))
@@ -239,7 +244,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     opt = TextModelOptimizer(_model_config(args))
     model = opt.optimize(args.model, task=args.task or "sequence-classification")
     batch = tok(args.texts, return_tensors="pt", padding=True, truncation=True).to(opt.device)
-    with torch.inference_mode():
+    with torch.no_grad():  # the warm-up ran under no_grad: same guards, no recompile
         probs = model(**batch).logits.float().softmax(-1).cpu()
     labels = getattr(model.config, "id2label", None) or {}
     results = []

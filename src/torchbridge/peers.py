@@ -99,7 +99,7 @@ def hf_generate_fn(model: nn.Module, new_tokens: int) -> Callable[[dict], torch.
     """Greedy HF generate of exactly ``new_tokens`` tokens (EOS cannot stop it early)."""
 
     def gen(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        with torch.inference_mode():
+        with torch.no_grad():  # as the guide's examples (inference_mode would change guards)
             out = model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                  do_sample=False, num_beams=1,
                                  pad_token_id=model.config.eos_token_id)
@@ -116,7 +116,9 @@ def torch_backend(model: nn.Module, wl: Workload, dtype: str, notes: str | None 
             call = hf_generate_fn(model, wl.new_tokens)
         else:
             def call(batch: dict) -> Any:
-                with torch.inference_mode():
+                # no_grad, as the guide's examples and TorchBridge's own warm-up: a compiled
+                # model warmed up under no_grad would recompile under inference_mode
+                with torch.no_grad():
                     return model(**batch)
     return Backend(
         dtype=dtype,
