@@ -88,3 +88,35 @@ def test_factory_with_random_weights(tmp_path, monkeypatch):
 def test_config_object_and_fields_are_exclusive():
     with pytest.raises(ValueError, match="either"):
         create_optimized_text_model(tiny_model(), config=TextModelConfig(), warmup_steps=1)
+
+
+def test_gpt2_generate_is_the_fast_path_verified_and_warmed_up():
+    from torchbridge.models.text.decoding import fast_generator
+
+    reference = tiny_model("gpt2", "causal-lm")
+    model = OptimizedGPT2(reference, config=TextModelConfig(dtype=torch.float32, warmup_seq_len=24,
+                                                            warmup_steps=1))
+    generator = fast_generator(model.model)
+    assert generator is not None and generator.compile
+    info = model.get_optimization_info()
+    assert info["generation"]["verify"]["identical"]
+    assert any(s["name"] == "fast_generate" and s["applied"] for s in info["steps"])
+    compiles = generator.stats["compiles"]
+    ids = padded_batch(reference.config, 1, 5)["input_ids"]
+    out = model.generate(ids, max_length=20, do_sample=False, pad_token_id=98)
+    expected = reference.generate(ids, max_length=20, do_sample=False, pad_token_id=98)
+    assert torch.equal(out, expected)
+    assert generator.stats["compiles"] == compiles  # the warm-up compiled this shape already
+    with pytest.raises(ValueError, match="num_beams"):
+        model.generate(ids, max_length=20, num_beams=4)
+
+
+def test_generation_config_from_pipelines_is_translated_or_rejected():
+    from transformers import GenerationConfig
+
+    from torchbridge.models.text.decoding import _generation_config_kwargs
+
+    assert _generation_config_kwargs(GenerationConfig(max_new_tokens=5, top_k=3)) == {
+        "max_new_tokens": 5, "top_k": 3}
+    with pytest.raises(ValueError, match="num_beams"):
+        _generation_config_kwargs(GenerationConfig(num_beams=3))

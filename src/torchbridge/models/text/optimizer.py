@@ -16,6 +16,7 @@ from torchbridge.precision import cast_model, wrap_autocast
 from torchbridge.verify import VerificationError, padded_batch, token_id_range, verify_model
 
 from .config import TextModelConfig
+from .decoding import attach_fast_generate
 from .families import Family, canonical_task, family_for
 from .loading import default_task, load_model, private_copy, task_of
 from .plan import Plan, make_plan
@@ -240,6 +241,8 @@ class TextModelOptimizer:
         if report.verify is not None and not report.verify.passed:
             raise VerificationError(f"{name}: the optimized model differs from the fp32 eager "
                                     f"model: {report.verify.summary()}; {report.verify.failures}")
+        if task == "causal-lm":
+            attach_fast_generate(model, report.plan, report, reference)
         del reference
         self._warm_up(model, report)
         report.read_back(model)
