@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import statistics
 import sys
@@ -67,41 +68,38 @@ def time_calls(fn, repeats: int) -> list[float]:
     return out
 
 
-def run_variant(variant: str, base: torch.nn.Module, name: str, ids: torch.Tensor,
-                n_new: int, repeats: int) -> tuple[dict[str, Any], torch.Tensor]:
+def make_variant(variant: str, base: torch.nn.Module, name: str, ids: torch.Tensor):
+    """Returns (gen(n) -> tokens, weight bytes per token, compile seconds, FastGenerator|None)."""
     if variant.startswith("hf_"):
-        model = base if variant == "hf_eager_fp32" else build(name, "sdpa")
+        model = base
         if variant != "hf_eager_fp32":
+            model = build(name, "sdpa")
             model.load_state_dict(base.state_dict())
-        nbytes = hf_bytes_per_token(model)
+        mask = torch.ones_like(ids)
 
         def gen(n: int) -> torch.Tensor:
-            return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                                  min_new_tokens=n, do_sample=False)
-        compile_s = 0.0
-    else:
-        prec = variant.split("_")[1]
-        model = copy.deepcopy(base)
-        if prec == "bf16":
-            model = model.to(torch.bfloat16)
-        elif prec == "int8":
-            quantize_weights_int8(model)
-        fast = FastGenerator(model, compile=True)
-        nbytes = fast.stats["weight_bytes_per_token"]
+            return model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                  do_sample=False)
+        return gen, hf_bytes_per_token(model), 0.0, None
+    prec = variant.split("_")[1]
+    model = copy.deepcopy(base)
+    if prec == "bf16":
+        model = model.to(torch.bfloat16)
+    elif prec == "int8":
+        quantize_weights_int8(model)
+    fast = FastGenerator(model, compile=True)
 
-        def gen(n: int) -> torch.Tensor:
-            return fast.generate(ids, max_new_tokens=n, min_new_tokens=n)
-        t = time.perf_counter()
-        gen(3)  # compiles the decode step for this (batch, cache bucket)
-        compile_s = time.perf_counter() - t
-    with torch.inference_mode():
-        tokens = gen(n_new)  # warm-up at full length
-        gen(1)
-        full = time_calls(lambda: gen(n_new), repeats)
-        first = time_calls(lambda: gen(1), repeats)
+    def gen(n: int) -> torch.Tensor:
+        return fast.generate(ids, max_new_tokens=n, min_new_tokens=n)
+    t = time.perf_counter()
+    gen(3)  # compiles the decode step for this (batch, cache bucket)
+    return gen, fast.stats["weight_bytes_per_token"], time.perf_counter() - t, fast
+
+
+def summarize(variant: str, full: list[float], first: list[float], n_new: int, batch: int,
+              nbytes: int, compile_s: float, fast: FastGenerator | None) -> dict[str, Any]:
     total, ttft = statistics.median(full), statistics.median(first)
     ms_tok = (total - ttft) / (n_new - 1)
-    b = ids.shape[0]
     res = {
         "variant": variant,
         "total_ms_median": total,
@@ -109,14 +107,39 @@ def run_variant(variant: str, base: torch.nn.Module, name: str, ids: torch.Tenso
         "ttft_ms_median": ttft,
         "ttft_ms_p90": pct(first, 0.9),
         "decode_ms_per_token": ms_tok,
-        "tokens_per_s": b * n_new / (total / 1e3),
+        "tokens_per_s": batch * n_new / (total / 1e3),
         "weight_mb_per_token": nbytes / 1e6,
         "weight_gb_per_s": nbytes / (ms_tok / 1e3) / 1e9,
         "compile_s": compile_s,
     }
-    if not variant.startswith("hf_"):
+    if fast is not None:
         res["compiles"] = fast.stats["compiles"]
-    return res, tokens
+        res["decode_ms_per_token_internal"] = fast.stats["decode_ms_per_token"]
+    return res
+
+
+def bench_case(name: str, base: torch.nn.Module, ids: torch.Tensor, variants: list[str],
+               n_new: int, repeats: int) -> list[dict[str, Any]]:
+    built = {v: make_variant(v, base, name, ids) for v in variants}
+    tokens, full, first = {}, {v: [] for v in variants}, {v: [] for v in variants}
+    with torch.inference_mode():
+        for v, (gen, *_rest) in built.items():  # warm-up at full length, keep greedy tokens
+            tokens[v] = gen(n_new)
+            gen(1)
+        # Round-robin: each repeat times every variant once, so load changes on this shared
+        # machine hit all variants alike and the ratios stay meaningful.
+        for _ in range(repeats):
+            for v, (gen, *_rest) in built.items():
+                full[v] += time_calls(lambda gen=gen: gen(n_new), 1)
+                first[v] += time_calls(lambda gen=gen: gen(1), 1)
+    rows = []
+    ref = tokens[variants[0]][:, ids.shape[1]:]
+    for v, (_gen, nbytes, compile_s, fast) in built.items():
+        res = summarize(v, full[v], first[v], n_new, ids.shape[0], nbytes, compile_s, fast)
+        res["greedy_agreement_vs_baseline"] = float(
+            (tokens[v][:, ids.shape[1]:] == ref).float().mean())
+        rows.append(res)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,29 +150,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-len", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out", default="bench_generate.json")
     args = ap.parse_args(argv)
     if "hf_eager_fp32" not in args.variants:
         args.variants.insert(0, "hf_eager_fp32")  # ratios need the baseline in the same run
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
     results = []
     for name in args.models:
         base = build(name, "eager")
         for b in args.batch:
             g = torch.Generator().manual_seed(1)
             ids = torch.randint(0, base.config.vocab_size, (b, args.prompt_len), generator=g)
-            rows, ref_tokens = [], None
-            for v in args.variants:
-                res, tokens = run_variant(v, base, name, ids, args.new_tokens, args.repeats)
-                if ref_tokens is None:
-                    ref_tokens = tokens
-                new_ref, new = ref_tokens[:, args.prompt_len:], tokens[:, args.prompt_len:]
-                res["greedy_agreement_vs_baseline"] = float((new_ref == new).float().mean())
-                rows.append(res)
-                print(f"{name} b{b} {v:14s} total {res['total_ms_median']:8.1f} ms  "
-                      f"ttft {res['ttft_ms_median']:6.1f}  {res['decode_ms_per_token']:6.2f} ms/tok "
-                      f"{res['weight_gb_per_s']:5.1f} GB/s  agree {res['greedy_agreement_vs_baseline']:.2f}",
-                      flush=True)
+            rows = bench_case(name, base, ids, args.variants, args.new_tokens, args.repeats)
+            for res in rows:
+                print(f"{name} b{b} {res['variant']:14s} total {res['total_ms_median']:8.1f} ms  "
+                      f"ttft {res['ttft_ms_median']:6.1f}  {res['decode_ms_per_token']:6.2f} "
+                      f"ms/tok {res['weight_gb_per_s']:5.1f} GB/s  "
+                      f"agree {res['greedy_agreement_vs_baseline']:.2f}", flush=True)
             base_ms = rows[0]["total_ms_median"]
             for r in rows:
                 r["speedup_vs_hf_eager_fp32"] = base_ms / r["total_ms_median"]
@@ -162,6 +183,11 @@ def main(argv: list[str] | None = None) -> int:
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "python": sys.version.split()[0]},
         "repeats": args.repeats,
+        # Other processes share these 2 cores: load average above ~2 means the absolute times
+        # are inflated (OpenMP threads wait for each other); the ratios are from one run.
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
+        "command": " ".join(sys.argv),
         "results": results,
     }
     with open(args.out, "w") as f:

@@ -154,6 +154,7 @@ def test_verify_greedy_reports_agreement(compiled):
     prompt = torch.randint(2, 97, (1, 8), generator=torch.Generator().manual_seed(7))
     res = verify_greedy(fast, model, prompt, None, max_new_tokens=20)
     assert res["identical"] and res["agreement"] == 1.0 and res["first_divergence"] is None
+    assert res["teacher_forced_agreement"] == 1.0
     # A model that is not the same model must be caught.
     other = tiny_gpt2(seed=1)
     res = verify_greedy(fast, other, prompt, None, max_new_tokens=20)

@@ -242,6 +242,36 @@ class FastGenerator:
         )
         return out[:, :cur]
 
+    @torch.inference_mode()
+    def forced_argmax(
+        self, input_ids: torch.Tensor, forced: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Teacher forcing through the same prefill + decode step as `generate`: feed `forced`
+        [B, n] after the prompt and return the argmax predicted before each forced token
+        [B, n]. Used to measure next-token agreement without one early near-tie deciding all
+        later positions of a free-running comparison."""
+        input_ids, forced = input_ids.to(self.device), forced.to(self.device)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.to(self.device)
+        b, t = input_ids.shape
+        n = forced.shape[1]
+        cache = self._cache(b, t + n - 1)
+        gemv = self.compile and b == 1
+        logits, positions = self.decoder.prefill(cache, input_ids, attention_mask)
+        preds = [logits.argmax(-1)]
+        cache_pos = torch.tensor([t], dtype=torch.long, device=self.device)
+        for i in range(n - 1):
+            if self.compile and self.device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()
+            logits = self._step(forced[:, i], positions, cache_pos, cache.k, cache.v,
+                                cache.valid, gemv)
+            self._seen_keys.add((b, cache.length, gemv))
+            preds.append(logits.argmax(-1))
+            positions, cache_pos = positions + 1, cache_pos + 1
+        return torch.stack(preds, 1)
+
     # -- helpers ---------------------------------------------------------------------------------
 
     @staticmethod
@@ -276,8 +306,9 @@ def verify_greedy(
     max_new_tokens: int = 32,
 ) -> dict[str, Any]:
     """Greedy tokens of `fast` vs HF `generate` of `reference_model` (fp32 eager, the caller's
-    choice), same prompt. Returns the fraction of new-token positions that agree, the first
-    position where they differ, and both token tensors."""
+    choice), same prompt. Returns the fraction of new-token positions that agree (free running),
+    the first position where they differ, the teacher-forced next-token agreement along the
+    reference's continuation, and both token tensors."""
     ref_dev = next(reference_model.parameters()).device
     ids = input_ids.to(ref_dev)
     mask = None if attention_mask is None else attention_mask.to(ref_dev)
@@ -297,8 +328,11 @@ def verify_greedy(
     got_p = torch.nn.functional.pad(got_new, (0, n - got_new.shape[1]), value=pad)
     same = ref_p == got_p
     diff = (~same).any(0).nonzero()
+    # Next-token agreement along the reference's own continuation (teacher forcing).
+    forced = fast.forced_argmax(input_ids, ref_new, attention_mask).to(ref_dev)
     return {
         "agreement": float(same.float().mean()) if n else 1.0,
+        "teacher_forced_agreement": float((forced == ref_new).float().mean()),
         "identical": bool(same.all()),
         "first_divergence": None if len(diff) == 0 else int(diff[0, 0]),
         "n_new_tokens": n,
