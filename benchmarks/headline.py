@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--compare", default="all", help="peers (default: all; missing = skipped)")
     p.add_argument("--output", type=Path, default=Path("bench-results/headline"))
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for every row (default: torch's default). On a machine "
+                        "shared with other jobs, 1 avoids threads waiting on each other")
     args = p.parse_args(argv)
     compare = parse_compare(args.compare)
     docs = {}
@@ -52,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = (f"torchbridge benchmark {model} --task {task} --batch-size {batch} --seq-len {seq}"
                + (f" --new-tokens {new}" if new else "") + (" --random-weights" if random else "")
                + f" --runs {args.runs} --warmup {args.warmup} --compare {args.compare}"
+               + (f" --threads {args.threads}" if args.threads else "")
                + f" --output {args.output / folder}")
         print(f"$ {cmd}", file=sys.stderr)
         if random:
@@ -59,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                   "real; outputs are not the trained model's)", file=sys.stderr)
         spec = BenchSpec(model=model, task=task, batch_size=batch, seq_len=seq,
                          new_tokens=new or 50, compare=compare, random_weights=random,
-                         runs=args.runs, warmup=args.warmup)
+                         runs=args.runs, warmup=args.warmup, threads=args.threads)
         doc = run_benchmark(spec)
         doc["command"] = cmd
         write_results(doc, args.output / folder)
