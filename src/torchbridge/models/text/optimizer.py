@@ -17,7 +17,7 @@ from torchbridge.verify import VerificationError, padded_batch, token_id_range, 
 
 from .config import TextModelConfig
 from .decoding import attach_fast_generate
-from .families import Family, canonical_task, family_for
+from .families import canonical_task, family_for
 from .loading import default_task, load_model, private_copy, task_of
 from .plan import Plan, make_plan
 from .report import OptimizationReport, count_sdpa_calls
@@ -25,9 +25,6 @@ from .report import OptimizationReport, count_sdpa_calls
 log = logging.getLogger("torchbridge")
 
 Step = Callable[[nn.Module, Plan, OptimizationReport], nn.Module]
-
-
-_DECODER = Family("unknown", True, "causal-lm", frozenset())  # unknown families: not trimmed
 
 
 class CompileError(RuntimeError):
@@ -110,10 +107,10 @@ def _compile(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn.Mod
 
 
 def _trim_padding(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn.Module:
-    task = report.task
+    task, family = report.task, family_for(report.model_type)
     if not plan.trim_padding:
         report.step("trim_padding", False, "trim_padding=False")
-    elif task not in PER_TOKEN_FIELDS or (family_for(report.model_type) or _DECODER).decoder:
+    elif task not in PER_TOKEN_FIELDS or family is None or family.decoder:
         report.step("trim_padding", False, f"only for encoder tasks ({report.model_type}, {task})")
     else:
         model = wrap_trim_padding(model, task)
@@ -184,22 +181,9 @@ class TextModelOptimizer:
                  inplace: bool = False, **from_pretrained_kwargs: Any) -> nn.Module:
         """Return an optimized model: a copy of a given module unless ``inplace=True``."""
         t0 = time.perf_counter()
-        if isinstance(model_name_or_model, nn.Module):
-            if from_pretrained_kwargs:
-                raise ValueError(f"loading arguments {sorted(from_pretrained_kwargs)} apply to a "
-                                 "model name or folder, not to an already-loaded model")
-            inferred = task_of(model_name_or_model)
-            task = canonical_task(task) if task else (inferred or "feature-extraction")
-            source = model_name_or_model if inplace else private_copy(model_name_or_model)
-            name = getattr(getattr(source, "config", None), "name_or_path", "") or type(source).__name__
-            random_weights = False
-        else:
-            name = str(model_name_or_model)
-            random_weights = self.config.random_weights
-            task = canonical_task(task) if task else default_task(name)
-            source = load_model(name, task, random_weights=random_weights, **from_pretrained_kwargs)
+        source, name, task = self._load(model_name_or_model, task, inplace, from_pretrained_kwargs)
+        random_weights = self.config.random_weights and not isinstance(model_name_or_model, nn.Module)
         load_s = time.perf_counter() - t0
-        source = source.float().eval()
 
         config = getattr(source, "config", None)
         model_type = getattr(config, "model_type", "custom")
@@ -251,6 +235,22 @@ class TextModelOptimizer:
         for line in report.summary().splitlines():
             log.info(line)
         return model
+
+    def _load(self, model_name_or_model: str | nn.Module, task: str | None, inplace: bool,
+              kwargs: dict[str, Any]) -> tuple[nn.Module, str, str]:
+        """The fp32 model to optimize (a private copy of a given module), its name and task."""
+        if isinstance(model_name_or_model, nn.Module):
+            if kwargs:
+                raise ValueError(f"loading arguments {sorted(kwargs)} apply to a model name or "
+                                 "folder, not to an already-loaded model")
+            task = canonical_task(task) if task else (task_of(model_name_or_model) or "feature-extraction")
+            source = model_name_or_model if inplace else private_copy(model_name_or_model)
+            name = getattr(getattr(source, "config", None), "name_or_path", "") or type(source).__name__
+        else:
+            name = str(model_name_or_model)
+            task = canonical_task(task) if task else default_task(name)
+            source = load_model(name, task, random_weights=self.config.random_weights, **kwargs)
+        return source.float().eval(), name, task
 
     def _apply(self, model: nn.Module, plan: Plan, report: OptimizationReport,
                reference: nn.Module | None, task: str) -> nn.Module:
