@@ -113,9 +113,21 @@ def cpu_isa() -> frozenset[str]:
     return frozenset(isa)
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_name() -> str:
+    """The CPU's model name (for reports and bug reports), e.g. 'AMD EPYC 9R45'."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _cpu_info() -> DeviceInfo:
-    return DeviceInfo(type="cpu", index=None, name=platform.processor() or platform.machine(),
-                      vendor="cpu", cpu_isa=cpu_isa())
+    return DeviceInfo(type="cpu", index=None, name=cpu_name(), vendor="cpu", cpu_isa=cpu_isa())
 
 
 def _cuda_info(index: int) -> DeviceInfo:

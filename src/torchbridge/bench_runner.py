@@ -23,6 +23,7 @@ from .benchmark import (
     progress_bar,
     time_callable,
 )
+from .models.text.decoding import fast_generator
 from .peers import PEERS, Backend, PeerUnavailable, Workload, torch_backend
 
 DTYPES = {"auto": None, "float32": torch.float32, "fp32": torch.float32,
@@ -169,27 +170,13 @@ def _optimized_backend(spec: BenchSpec, wl: Workload, task: str) -> tuple[Backen
         notes += f", {info['quantization']}"
     dtype = info.get("amp_dtype") or info.get("dtype")
     if wl.generation:
-        fast = fast_generator(model, info)
+        fast = fast_generator(model)  # the optimized model's own generate path
         if fast is not None:  # the library's decoding path: static KV cache, compiled step
             backend = torch_backend(model, wl, str(dtype), call=fast_generate_fn(
                 fast, wl.new_tokens), notes=notes + ", FastGenerator")
             backend.weight_bytes = fast.stats.get("weight_bytes_per_token") or backend.weight_bytes
             return backend, info
     return torch_backend(model, wl, str(dtype), notes=notes), info
-
-
-def fast_generator(model: torch.nn.Module, info: dict) -> Any:
-    """torchbridge.generation.FastGenerator for the optimized model, or None where it does not
-    apply (unsupported architecture, module absent). It compiles its own decode step when the
-    plan compiles."""
-    try:
-        from torchbridge.generation import FastGenerator
-    except ImportError:
-        return None
-    if not FastGenerator.supports(model):
-        return None
-    return FastGenerator(model, compile=bool(info.get("torch_compile")),
-                         compile_mode=info.get("compile_mode") or "reduce-overhead")
 
 
 def fast_generate_fn(gen: Any, new_tokens: int) -> Any:

@@ -206,7 +206,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
     from transformers import TextStreamer
 
-    from torchbridge.bench_runner import fast_generator
     from torchbridge.models.text import TextModelOptimizer
 
     if args.temperature < 0:
@@ -225,10 +224,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     streamer = TextStreamer(tok, skip_prompt=False, skip_special_tokens=True) \
         if args.stream else None
     pad = tok.pad_token_id if tok.pad_token_id is not None else model.config.eos_token_id
-    # the library's decoding path (static KV cache, compiled decode step) where it applies
-    generator = fast_generator(model, opt.get_optimization_info()) or model
+    # the optimized model's generate is the library's decoding path (static KV cache, compiled
+    # decode step) where the architecture has one, transformers' otherwise (the report says)
     with torch.no_grad():  # the warm-up ran under no_grad: same guards, no recompile
-        out = generator.generate(**inputs, max_new_tokens=args.max_new_tokens, streamer=streamer,
+        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, streamer=streamer,
                              pad_token_id=pad, **sampling)
     if not streamer:
         print(tok.decode(out[0], skip_special_tokens=True))

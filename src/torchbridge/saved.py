@@ -116,38 +116,44 @@ def is_saved(path: str | Path) -> bool:
     return (Path(path) / PLAN_FILE).is_file()
 
 
+def saved_config(path: str | Path, user: Any) -> Any:
+    """The TextModelConfig for loading DIR: the saved plan for every field the user did not set
+    explicitly, and no verify pass unless asked (DIR holds the weights verified at save time)."""
+    record = json.loads((Path(path) / PLAN_FILE).read_text())
+    plan = record["plan"]
+    saved = {
+        "optimization_mode": plan["optimization_mode"],
+        "dtype": getattr(torch, plan["dtype"]),
+        "use_amp": plan["use_amp"],
+        "enable_memory_efficient_attention": plan["attention"] == "sdpa",
+        "use_torch_compile": plan["use_torch_compile"],
+        "compile_mode": plan["compile_mode"],
+        "quantization": plan["quantization"],
+        "warmup_steps": plan["warmup_steps"],
+        "verify": False,
+    }
+    fields = {k: v for k, v in saved.items() if not user.is_explicit(k)}
+    if fields.get("use_torch_compile", user.use_torch_compile) and record.get("compile_cache") \
+            and (Path(path) / CACHE_FILE).is_file():
+        try:
+            torch.compiler.load_cache_artifacts((Path(path) / CACHE_FILE).read_bytes())
+        except Exception:  # noqa: BLE001 - a stale cache only costs the compile it would save
+            pass
+    return user.replace(**fields) if fields else user
+
+
 def load_optimized(path: str | Path, *, device: str = "auto", use_torch_compile: bool | None = None
                    ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Load a folder written by :func:`save_optimized`: the saved plan, no verify pass."""
     from torchbridge.models.text import TextModelConfig, TextModelOptimizer
-    from torchbridge.models.text.loading import load_model
 
     path = Path(path)
     if not is_saved(path):
         raise ValueError(f"{path} has no {PLAN_FILE}: not written by `torchbridge optimize`")
+    fields: dict[str, Any] = {"device": device}
+    if use_torch_compile is not None:
+        fields["use_torch_compile"] = use_torch_compile
+    opt = TextModelOptimizer(TextModelConfig(**fields))
+    model = opt.optimize(path)
     record = json.loads((path / PLAN_FILE).read_text())
-    plan = record["plan"]
-    compile_ = plan["use_torch_compile"] if use_torch_compile is None else use_torch_compile
-    if compile_ and record.get("compile_cache") and (path / CACHE_FILE).is_file():
-        try:
-            torch.compiler.load_cache_artifacts((path / CACHE_FILE).read_bytes())
-        except Exception:  # noqa: BLE001 - a stale cache only costs the compile it would save
-            pass
-    config = TextModelConfig(
-        optimization_mode=plan["optimization_mode"],
-        dtype=getattr(torch, plan["dtype"]),
-        use_amp=plan["use_amp"],
-        enable_memory_efficient_attention=plan["attention"] == "sdpa",
-        use_torch_compile=compile_,
-        compile_mode=plan["compile_mode"],
-        quantization=plan["quantization"],
-        warmup_steps=plan["warmup_steps"],
-        device=device,
-        verify=False,  # verified at save time against the fp32 model; DIR holds those weights
-    )
-    # fp32 load: bf16 -> fp32 -> bf16 is exact, and LayerNorms saved in fp32 stay fp32
-    model = load_model(path, record["task"], dtype=torch.float32)
-    opt = TextModelOptimizer(config)
-    model = opt.optimize(model, task=record["task"], inplace=True)
     return model, {"record": record, "optimization_info": opt.get_optimization_info()}
-

@@ -39,6 +39,12 @@ def _generation_config_kwargs(generation_config) -> dict[str, Any]:
     return diff
 
 
+def fast_generate_applies(model: nn.Module) -> bool:
+    from torchbridge.generation import FastGenerator
+
+    return FastGenerator.supports(model)
+
+
 def attach_fast_generate(model: nn.Module, plan: Plan, report: OptimizationReport,
                          reference: nn.Module | None) -> None:
     from torchbridge.generation import FastGenerator, verify_greedy
@@ -82,6 +88,9 @@ def attach_fast_generate(model: nn.Module, plan: Plan, report: OptimizationRepor
         generator.generate(prompt, max_length=max(length, prompt.shape[1] + 2), do_sample=False)
         report.timings["warmup_generate_s"] = time.perf_counter() - t0
     report.generation = {**(report.generation or {}), "stats": generator.stats}
+    # what "torch_compile" means for a causal LM here: its decode step is compiled
+    report.compiled = generator.compile
+    report.compiled_graphs += generator.stats["compiles"]
 
 
 def fast_generator(model: nn.Module):

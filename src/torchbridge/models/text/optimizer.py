@@ -13,10 +13,11 @@ from torch import nn
 
 from torchbridge.padding import PER_TOKEN_FIELDS, wrap_trim_padding
 from torchbridge.precision import cast_model, wrap_autocast
+from torchbridge.saved import is_saved, saved_config
 from torchbridge.verify import VerificationError, padded_batch, token_id_range, verify_model
 
 from .config import TextModelConfig
-from .decoding import attach_fast_generate
+from .decoding import attach_fast_generate, fast_generate_applies
 from .families import canonical_task, family_for
 from .loading import default_task, load_model, private_copy, task_of
 from .plan import Plan, make_plan
@@ -97,6 +98,12 @@ def _gradient_checkpointing(model: nn.Module, plan: Plan, report: OptimizationRe
 def _compile(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn.Module:
     if not plan.compile:
         report.step("torch.compile", False, "use_torch_compile=False")
+        return model
+    if report.task == "causal-lm" and fast_generate_applies(model):
+        # ~30 s of compile for GPT-2 on a CPU that generate would never use: the fast generation
+        # path compiles its own fixed-shape decode step (see decoding.py)
+        report.step("torch.compile", False, "forward left eager: generate compiles its own "
+                    "decode step")
         return model
     kwargs = plan.compile_kwargs()
     # The forward is compiled, not the module: the model keeps its class (pipelines,
@@ -181,27 +188,35 @@ class TextModelOptimizer:
                  inplace: bool = False, **from_pretrained_kwargs: Any) -> nn.Module:
         """Return an optimized model: a copy of a given module unless ``inplace=True``."""
         t0 = time.perf_counter()
-        source, name, task = self._load(model_name_or_model, task, inplace, from_pretrained_kwargs)
-        random_weights = self.config.random_weights and not isinstance(model_name_or_model, nn.Module)
+        config, notes = self.config, []
+        if not isinstance(model_name_or_model, nn.Module) and is_saved(model_name_or_model):
+            # a folder written by `torchbridge optimize`: its plan, weights verified at save time
+            config = saved_config(model_name_or_model, self.config)
+            notes.append(f"loaded from a `torchbridge optimize` folder: its saved plan applies to "
+                         f"the fields not set explicitly; verify={config.verify}")
+        random_weights = config.random_weights and not isinstance(model_name_or_model, nn.Module) \
+            and not notes
+        source, name, task = self._load(model_name_or_model, task, inplace, from_pretrained_kwargs,
+                                        random_weights)
         load_s = time.perf_counter() - t0
 
-        config = getattr(source, "config", None)
-        model_type = getattr(config, "model_type", "custom")
+        model_config = getattr(source, "config", None)
+        model_type = getattr(model_config, "model_type", "custom")
         family = family_for(model_type)
         self._plan = make_plan(
-            self.config,
-            model_max_positions=getattr(config, "max_position_embeddings", None)
-            or getattr(config, "n_positions", None),
+            config,
+            model_max_positions=getattr(model_config, "max_position_embeddings", None)
+            or getattr(model_config, "n_positions", None),
             supports_sdpa=bool(getattr(source, "_supports_sdpa", False)),
         )
         plan = self._plan
-        if plan.attention_explicit and self.config.enable_memory_efficient_attention \
+        if plan.attention_explicit and config.enable_memory_efficient_attention \
                 and plan.attention != "sdpa":
             raise ValueError(f"enable_memory_efficient_attention=True was requested but "
                              f"{type(source).__name__} has no SDPA attention in transformers; "
                              "fix: leave the field unset (auto) or set it to False")
         report = OptimizationReport(name, task, model_type, random_weights, plan)
-        report.notes.extend(plan.notes)
+        report.notes.extend([*notes, *plan.notes])
         if family is None:
             report.notes.append(f"model_type {model_type!r} is not a known family "
                                 "(bert, distilbert, roberta, albert, gpt2, llama): only the generic "
@@ -236,8 +251,9 @@ class TextModelOptimizer:
             log.info(line)
         return model
 
-    def _load(self, model_name_or_model: str | nn.Module, task: str | None, inplace: bool,
-              kwargs: dict[str, Any]) -> tuple[nn.Module, str, str]:
+    @staticmethod
+    def _load(model_name_or_model: str | nn.Module, task: str | None, inplace: bool,
+              kwargs: dict[str, Any], random_weights: bool) -> tuple[nn.Module, str, str]:
         """The fp32 model to optimize (a private copy of a given module), its name and task."""
         if isinstance(model_name_or_model, nn.Module):
             if kwargs:
@@ -249,7 +265,7 @@ class TextModelOptimizer:
         else:
             name = str(model_name_or_model)
             task = canonical_task(task) if task else default_task(name)
-            source = load_model(name, task, random_weights=self.config.random_weights, **kwargs)
+            source = load_model(name, task, random_weights=random_weights, **kwargs)
         return source.float().eval(), name, task
 
     def _apply(self, model: nn.Module, plan: Plan, report: OptimizationReport,
