@@ -47,7 +47,12 @@ def int8_weight_matmul(
         # It reads `in` in blocks of 16: other sizes crash or return NaN (torch 2.13), hence the
         # guard and the dequantizing fallback below.
         x2 = x.reshape(-1, k).to(torch.bfloat16)
-        y = torch._weight_int8pack_mm(x2, weight_int8, scales.to(torch.bfloat16))
+        s = scales.to(torch.bfloat16)
+        if torch.compiler.is_compiling():
+            # inductor's lowering of this op asserts its inputs are buffers, not fused producers
+            x2 = torch.ops.prims.inductor_force_stride_order.default(x2, x2.stride())
+            s = torch.ops.prims.inductor_force_stride_order.default(s, s.stride())
+        y = torch._weight_int8pack_mm(x2, weight_int8, s)
         return y.reshape(*x.shape[:-1], weight_int8.shape[0]).to(x.dtype)
     return F.linear(x, weight_int8.to(x.dtype)) * scales.to(x.dtype)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import types
 from collections import OrderedDict
 from typing import Any
 
@@ -22,6 +23,7 @@ __all__ = ["FastGenerator", "verify_greedy", "cache_length_bucket"]
 # Caches kept alive between calls: reusing one keeps its tensors' addresses (CUDA graphs) and
 # avoids reallocating; a handful bounds the memory when many shapes are used.
 _MAX_CACHES = 4
+_RECOMPILE_LIMIT = 64
 # On accelerators, check "all rows finished" only every few tokens so that the loop does not
 # wait on the device each token; the output is trimmed to the exact stop afterwards.
 _SYNC_EVERY_ACCEL = 16
@@ -103,9 +105,24 @@ class FastGenerator:
                 self.stats["compiles"] += 1
                 return compile_fx(gm, example_inputs, config_patches=options)
 
-            self._step = torch.compile(
-                self.decoder.decode_step, backend=backend, fullgraph=True, dynamic=False
+            # Dynamo keeps compiled graphs (and its recompile limit of 8) per code object. A
+            # private copy of decode_step's code gives each generator its own cache, so several
+            # generators (fp32 / bf16 / int8, other models) never evict or exhaust each other's.
+            fn = CausalDecoder.decode_step
+            own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__,
+                                     fn.__defaults__, fn.__closure__)
+            compiled = torch.compile(
+                types.MethodType(own, self.decoder), backend=backend, fullgraph=True,
+                dynamic=False,
             )
+
+            def step(*args: Any) -> torch.Tensor:
+                # One graph per (batch, cache length): more than dynamo's default 8 shapes per
+                # generator is legitimate (many batch sizes), so the limit is raised for this call.
+                with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+                    return compiled(*args)
+
+            self._step = step
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
@@ -265,7 +282,7 @@ class FastGenerator:
         for i in range(n - 1):
             if self.compile and self.device.type == "cuda":
                 torch.compiler.cudagraph_mark_step_begin()
-            logits = self._step(forced[:, i], positions, cache_pos, cache.k, cache.v,
+            logits = self._step(forced[:, i].contiguous(), positions, cache_pos, cache.k, cache.v,
                                 cache.valid, gemv)
             self._seen_keys.add((b, cache.length, gemv))
             preds.append(logits.argmax(-1))
