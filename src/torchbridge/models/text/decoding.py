@@ -41,16 +41,20 @@ def _generation_config_kwargs(generation_config) -> dict[str, Any]:
 
 def fast_generate_applies(model: nn.Module) -> bool:
     from torchbridge.generation import FastGenerator
+    from torchbridge.int8_dynamic import Int8DynamicLinear
 
-    return FastGenerator.supports(model)
+    # int8-dynamic is for compute-bound encoders; the decoder path reads float or int8 weights
+    return FastGenerator.supports(model) and not any(
+        isinstance(m, Int8DynamicLinear) for m in model.modules())
 
 
 def attach_fast_generate(model: nn.Module, plan: Plan, report: OptimizationReport,
                          reference: nn.Module | None) -> None:
     from torchbridge.generation import FastGenerator, verify_greedy
 
-    if not FastGenerator.supports(model):
-        report.step("fast_generate", False, f"{report.model_type} has no static-cache decoder here: "
+    if not fast_generate_applies(model):
+        report.step("fast_generate", False, f"no static-cache decoder for {report.model_type}"
+                    f"{' with int8-dynamic' if plan.quantization == 'int8-dynamic' else ''}: "
                     "generate is transformers' own")
         return
     generator = FastGenerator(model, compile=plan.compile, compile_mode=plan.compile_mode)
