@@ -310,7 +310,9 @@ class TextModelOptimizer:
             with torch.no_grad():
                 model(**inputs)
         except Exception as err:  # noqa: BLE001 - any compiler failure, re-raised or reported
-            if not plan.compile or plan.compile_explicit:
+            if not report.steps[-1].applied:  # nothing was compiled: a plain model error
+                raise
+            if plan.compile_explicit:
                 raise CompileError(f"the first call of the optimized model failed: {err}. "
                                    "Fix: TextModelConfig(use_torch_compile=False)") from err
             report.notes.append(f"torch.compile failed ({type(err).__name__}: {err}); running "
