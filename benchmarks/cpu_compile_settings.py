@@ -12,32 +12,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
 from torchbridge.backends import describe, detect, synchronize
+from torchbridge.benchmark import time_callable
 from torchbridge.models.text.loading import load_model
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
 def _time(fn, device, runs: int) -> tuple[float, float, float]:
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    first = time.perf_counter() - start
-    fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    times.sort()
-    return first, statistics.median(times), times[int(0.9 * (len(times) - 1))]
+    timing = time_callable(fn, runs=runs, warmup=1, sync=lambda: synchronize(device))
+    return timing.first_call_s, timing.median_s * 1e3, timing.p90_s * 1e3
 
 
 def main() -> None:

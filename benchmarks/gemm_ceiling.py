@@ -13,29 +13,21 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from torchbridge.backends import describe, detect, synchronize
+from torchbridge.benchmark import time_callable
 
 # (M, K, N) of BERT-base's projections at batch 8 x 128: QKV/out (768x768), FFN in and out.
 SHAPES = [(1024, 768, 768), (1024, 768, 3072), (1024, 3072, 768)]
 
 
 def _rate(fn, flops: float, device: torch.device, runs: int) -> float:
-    for _ in range(3):
-        fn()
-    synchronize(device)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return flops / statistics.median(times) / 1e9
+    timing = time_callable(fn, runs=runs, warmup=2, sync=lambda: synchronize(device))
+    return flops / timing.median_s / 1e9
 
 
 def measure(device: torch.device, runs: int = 20) -> dict[str, float]:

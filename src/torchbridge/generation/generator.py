@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchbridge.backends import synchronize
 from torchbridge.generation.decoders import DECODERS, CausalDecoder, StaticKVCache
 from torchbridge.generation.sampling import (
     SUPPORTED_ARGS,
@@ -36,15 +37,6 @@ def cache_length_bucket(needed: int) -> int:
     while length < needed:
         length *= 2
     return length
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "xpu":
-        torch.xpu.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 def _inductor_options(mode: str | None, device: torch.device) -> dict[str, Any]:
@@ -216,7 +208,7 @@ class FastGenerator:
             out[:, cur] = nxt
             cur += 1
             if i == 0:
-                _sync(self.device)
+                synchronize(self.device)
                 ttft = time.perf_counter() - t0
             if streamer is not None:
                 streamer.put(nxt.cpu())
@@ -233,7 +225,7 @@ class FastGenerator:
                 torch.compiler.cudagraph_mark_step_begin()
             logits = self._step(nxt, positions, cache_pos, cache.k, cache.v, cache.valid, gemv)
             if first:  # the first call of a new shape compiles: count it apart from decoding
-                _sync(self.device)
+                synchronize(self.device)
                 self._seen_keys.add(key)
                 self.stats["compile_s"] += time.perf_counter() - ts
                 t0 += time.perf_counter() - ts
@@ -244,7 +236,7 @@ class FastGenerator:
             cache_pos = cache_pos + 1
         if eos is not None and sync_every > 1 and bool(all_done[: cur - t].any()):
             cur = t + int(all_done[: cur - t].nonzero()[0, 0]) + 1  # exact HF stop point
-        _sync(self.device)
+        synchronize(self.device)
         total = time.perf_counter() - t0
         if streamer is not None:
             streamer.end()
