@@ -28,7 +28,7 @@ import torch
 import transformers
 
 from torchbridge.generation import FastGenerator
-from torchbridge.quantization import quantize_weights_int8
+from torchbridge.precisions.int8_weight_only import quantize_weights_int8
 
 MODELS = {
     "gpt2": {},

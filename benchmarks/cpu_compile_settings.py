@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from torchbridge.backends import describe, detect, synchronize
-from torchbridge.benchmark import time_callable
-from torchbridge.models.text.loading import load_model
+from torchbridge.bench.harness import time_callable
+from torchbridge.pipeline.loading import load_model
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from torchbridge.backends import describe, detect, synchronize
-from torchbridge.benchmark import time_callable
+from torchbridge.bench.harness import time_callable
 
 # (M, K, N) of BERT-base's projections at batch 8 x 128: QKV/out (768x768), FFN in and out.
 SHAPES = [(1024, 768, 768), (1024, 768, 3072), (1024, 3072, 768)]

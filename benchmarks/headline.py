@@ -18,10 +18,10 @@ import json
 import sys
 from pathlib import Path
 
-from torchbridge.bench_report import markdown_table, write_results
-from torchbridge.bench_runner import BenchSpec, run_benchmark
-from torchbridge.models.text.loading import ModelNotAvailableError, load_config
-from torchbridge.peers import parse_compare
+from torchbridge.bench.peers import parse_compare
+from torchbridge.bench.report import markdown_table, write_results
+from torchbridge.bench.runner import BenchSpec, run_benchmark
+from torchbridge.pipeline.loading import ModelNotAvailableError, load_config
 
 WORKLOADS = [
     # (folder name, model, task, batch, seq or prompt length, new tokens)

@@ -29,7 +29,7 @@ if mode == "cold":
     from torchbridge.models.text import TextModelConfig, TextModelOptimizer
     model = TextModelOptimizer(TextModelConfig(random_weights=random)).optimize(src, task=task)
 else:
-    from torchbridge.saved import load_optimized
+    from torchbridge.pipeline.saved import load_optimized
     model, _ = load_optimized(src)
 ready = time.perf_counter() - t0
 ids = torch.randint(1000 if model.config.vocab_size > 5000 else 1, model.config.vocab_size - 1,

@@ -32,7 +32,7 @@ def tiny_model(model_type: str = "bert", task: str = "sequence-classification", 
                **overrides):
     import transformers
 
-    from torchbridge.models.text.loading import TASK_AUTO_CLASS
+    from torchbridge.pipeline.loading import TASK_AUTO_CLASS
 
     auto_cls = getattr(transformers, TASK_AUTO_CLASS[task])
     with torch.random.fork_rng(devices=[]):

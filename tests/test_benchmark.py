@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from torchbridge import benchmark as bm
-from torchbridge.bench_runner import BenchSpec, fidelity, run_benchmark
-from torchbridge.peers import PEERS, Workload, parse_compare
+from torchbridge.bench import harness as bm
+from torchbridge.bench.peers import PEERS, Workload, parse_compare
+from torchbridge.bench.runner import BenchSpec, fidelity, run_benchmark
 
 
 class FakeClock:
@@ -221,7 +221,7 @@ def test_missing_peer_is_skipped_with_install_hint(tiny_dirs: dict[str, Path],
 
 
 def _installed(name: str) -> bool:
-    from torchbridge.peers import installed
+    from torchbridge.bench.peers import installed
 
     return installed(name)
 

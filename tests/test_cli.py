@@ -166,8 +166,8 @@ def test_optimize_saves_and_reloads(capsys: pytest.CaptureFixture, tiny_bert_dir
                                     tmp_path: Path) -> None:
     from safetensors import safe_open
 
-    from torchbridge.models.text.loading import load_model
-    from torchbridge.saved import load_optimized
+    from torchbridge.pipeline.loading import load_model
+    from torchbridge.pipeline.saved import load_optimized
 
     out_dir = tmp_path / "opt"
     code, out, err = run_cli(capsys, "optimize", str(tiny_bert_dir), "--output", str(out_dir),

@@ -5,7 +5,7 @@ import torch
 from conftest import tiny_model
 
 from torchbridge.models.text import TextModelConfig, TextModelOptimizer
-from torchbridge.verify import padded_batch
+from torchbridge.pipeline.verify import padded_batch
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def test_compile_off_really_skips_it():
     model = tiny_model("bert", "sequence-classification")
     opt = TextModelOptimizer(TextModelConfig(use_torch_compile=False, warmup_steps=1))
     optimized = opt.optimize(model)
-    from torchbridge.models.text.optimizer import is_compiled
+    from torchbridge.pipeline.optimizer import is_compiled
 
     assert not is_compiled(optimized)
     assert opt.get_optimization_info()["torch_compile"] is False
@@ -54,8 +54,8 @@ def test_compile_off_really_skips_it():
 
 
 def test_failed_auto_compile_is_not_reported_as_compiled(monkeypatch):
-    from torchbridge.models.text import optimizer as optimizer_module
-    from torchbridge.models.text.optimizer import CompileError
+    from torchbridge.pipeline import optimizer as optimizer_module
+    from torchbridge.pipeline.optimizer import CompileError
 
     def broken_compile(model, plan, report):
         model.forward = torch.compile(model.forward, backend=_failing_backend)

@@ -5,8 +5,8 @@ import torch
 
 from torchbridge.backends import DeviceInfo
 from torchbridge.models.text import OptimizationMode, TextModelConfig, TextModelType
-from torchbridge.models.text.config import MODE_PRESETS
-from torchbridge.models.text.plan import make_plan
+from torchbridge.pipeline.config import MODE_PRESETS
+from torchbridge.pipeline.plan import make_plan
 
 CPU_BF16 = DeviceInfo("cpu", None, "test cpu", "cpu", cpu_isa=frozenset({"avx512", "avx512_bf16"}))
 CPU_OLD = DeviceInfo("cpu", None, "old cpu", "cpu", cpu_isa=frozenset({"avx2"}))
@@ -98,7 +98,7 @@ def test_memory_mode_halves_weights_even_without_native_bf16():
 
 
 def test_fp8_only_where_the_hardware_has_it():
-    from torchbridge.precision import PrecisionNotSupportedError
+    from torchbridge.precisions.casting import PrecisionNotSupportedError
 
     assert make_plan(TextModelConfig(dtype=torch.float8_e4m3fn), device=H100).dtype == torch.float8_e4m3fn
     for device in (A100, CPU_BF16):

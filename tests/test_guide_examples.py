@@ -33,8 +33,8 @@ def guide_cache(tmp_path, monkeypatch, tiny_bert_dir):
 
     from transformers import AutoTokenizer
 
-    from torchbridge.assets._fetch import AssetUnavailableError
-    from torchbridge.assets.gpt2_tokenizer import gpt2_tokenizer_dir
+    from torchbridge.bench.assets._fetch import AssetUnavailableError
+    from torchbridge.bench.assets.gpt2_tokenizer import gpt2_tokenizer_dir
 
     try:
         gpt2_tok = gpt2_tokenizer_dir()

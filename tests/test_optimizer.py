@@ -5,8 +5,8 @@ import torch
 from conftest import no_compile, tiny_model
 
 from torchbridge.models.text import TextModelOptimizer
-from torchbridge.models.text.loading import ModelNotAvailableError
-from torchbridge.verify import VerificationError, padded_batch
+from torchbridge.pipeline.loading import ModelNotAvailableError
+from torchbridge.pipeline.verify import VerificationError, padded_batch
 
 TASKS = ["sequence-classification", "token-classification", "question-answering", "masked-lm",
          "feature-extraction"]
@@ -109,7 +109,7 @@ def test_gradient_checkpointing_reported_as_training_only(tiny_bert):
 
 
 def test_verify_catches_a_broken_attention_mask(tiny_bert, monkeypatch):
-    from torchbridge.models.text import optimizer as optimizer_module
+    from torchbridge.pipeline import optimizer as optimizer_module
 
     def break_mask(model, plan, report):
         inner = model.forward
@@ -127,7 +127,7 @@ def test_verify_catches_a_broken_attention_mask(tiny_bert, monkeypatch):
 
 
 def test_auto_precision_falls_back_to_fp32_when_verify_fails(tiny_bert, monkeypatch):
-    from torchbridge.models.text import optimizer as optimizer_module
+    from torchbridge.pipeline import optimizer as optimizer_module
 
     original_cast = optimizer_module.cast_model
 

@@ -3,8 +3,8 @@ import torch
 from conftest import no_compile, tiny_model
 
 from torchbridge.models.text import TextModelOptimizer
-from torchbridge.padding import plan_groups, trims_padding, wrap_trim_padding
-from torchbridge.verify import padded_batch
+from torchbridge.pipeline.padding import plan_groups, trims_padding, wrap_trim_padding
+from torchbridge.pipeline.verify import padded_batch
 
 
 def test_groups_cover_every_row_once_and_full_batches_stay_whole():

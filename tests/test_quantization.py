@@ -7,7 +7,7 @@ import torch
 import transformers
 from transformers.pytorch_utils import Conv1D
 
-from torchbridge.quantization import (
+from torchbridge.precisions.int8_weight_only import (
     Int8WeightOnlyLinear,
     quantize_per_channel,
     quantize_weights_int8,

@@ -4,11 +4,11 @@ import pytest
 import torch
 from conftest import no_compile, tiny_model
 
-from torchbridge.int8_dynamic import Int8DynamicLinear
 from torchbridge.models.text import TextModelOptimizer
-from torchbridge.precision import Fp8Linear, convert_linears_to_fp8
-from torchbridge.quantization import sqnr_db
-from torchbridge.verify import padded_batch
+from torchbridge.pipeline.verify import padded_batch
+from torchbridge.precisions.casting import Fp8Linear, convert_linears_to_fp8
+from torchbridge.precisions.int8_dynamic import Int8DynamicLinear
+from torchbridge.precisions.int8_weight_only import sqnr_db
 
 
 def test_int8_dynamic_linear_is_close_to_float():

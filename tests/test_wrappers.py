@@ -10,7 +10,7 @@ from torchbridge.models.text import (
     TextModelConfig,
     create_optimized_text_model,
 )
-from torchbridge.verify import padded_batch
+from torchbridge.pipeline.verify import padded_batch
 
 
 def test_models_package_reexports():
@@ -91,7 +91,7 @@ def test_config_object_and_fields_are_exclusive():
 
 
 def test_gpt2_generate_is_the_fast_path_verified_and_warmed_up():
-    from torchbridge.models.text.decoding import fast_generator
+    from torchbridge.pipeline.decoding import fast_generator
 
     reference = tiny_model("gpt2", "causal-lm")
     model = OptimizedGPT2(reference, config=TextModelConfig(dtype=torch.float32, warmup_seq_len=24,
@@ -114,7 +114,7 @@ def test_gpt2_generate_is_the_fast_path_verified_and_warmed_up():
 def test_generation_config_from_pipelines_is_translated_or_rejected():
     from transformers import GenerationConfig
 
-    from torchbridge.models.text.decoding import _generation_config_kwargs
+    from torchbridge.pipeline.decoding import _generation_config_kwargs
 
     assert _generation_config_kwargs(GenerationConfig(max_new_tokens=5, top_k=3)) == {
         "max_new_tokens": 5, "top_k": 3}

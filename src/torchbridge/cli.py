@@ -39,8 +39,8 @@ def _positive(value: str) -> int:
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
-    from torchbridge.bench_runner import DTYPES
-    from torchbridge.models.text.config import QUANTIZATION_CHOICES, OptimizationMode
+    from torchbridge.bench.runner import DTYPES
+    from torchbridge.pipeline.config import QUANTIZATION_CHOICES, OptimizationMode
 
     p.add_argument("--mode", default="inference", choices=[m.value for m in OptimizationMode],
                    help="optimization mode (preset of dtype, compile mode, warm-up shape)")
@@ -56,7 +56,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 
 
 def _model_config(args: argparse.Namespace, **extra: Any) -> Any:
-    from torchbridge.bench_runner import DTYPES
+    from torchbridge.bench.runner import DTYPES
     from torchbridge.models.text import TextModelConfig
 
     fields: dict[str, Any] = {"optimization_mode": args.mode, "device": args.device,
@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_env(args: argparse.Namespace) -> int:
-    from torchbridge.bench_runner import env_report
+    from torchbridge.bench.runner import env_report
 
     env = env_report(args.device)
     if args.json:
@@ -162,11 +162,11 @@ def cmd_env(args: argparse.Namespace) -> int:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    from torchbridge.bench_report import markdown_table, write_results
-    from torchbridge.bench_runner import BenchSpec, run_benchmark
-    from torchbridge.models.text.families import canonical_task
-    from torchbridge.models.text.loading import default_task
-    from torchbridge.peers import parse_compare
+    from torchbridge.bench.peers import parse_compare
+    from torchbridge.bench.report import markdown_table, write_results
+    from torchbridge.bench.runner import BenchSpec, run_benchmark
+    from torchbridge.families import canonical_task
+    from torchbridge.pipeline.loading import default_task
 
     compare = parse_compare(args.compare)
     task = canonical_task(args.task) if args.task else default_task(args.model)
@@ -197,7 +197,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
 
 def _tokenizer(model: str) -> Any:
-    from torchbridge.models.text.loading import load_tokenizer
+    from torchbridge.pipeline.loading import load_tokenizer
 
     return load_tokenizer(model)
 
@@ -259,7 +259,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:
-    from torchbridge.saved import save_optimized
+    from torchbridge.pipeline.saved import save_optimized
 
     summary = save_optimized(args.model, args.output, _model_config(args), task=args.task)
     print(json.dumps(summary, indent=2))
@@ -273,9 +273,9 @@ COMMANDS = {"env": cmd_env, "benchmark": cmd_benchmark, "generate": cmd_generate
 def _usage_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean "what you asked for does not exist here" (exit 2)."""
     from torchbridge.backends import DeviceNotAvailableError
-    from torchbridge.models.text.loading import ModelNotAvailableError
-    from torchbridge.peers import PeerUnavailable
-    from torchbridge.precision import PrecisionNotSupportedError
+    from torchbridge.bench.peers import PeerUnavailable
+    from torchbridge.pipeline.loading import ModelNotAvailableError
+    from torchbridge.precisions.casting import PrecisionNotSupportedError
 
     return (UsageError, ValueError, ModelNotAvailableError, DeviceNotAvailableError,
             PeerUnavailable, PrecisionNotSupportedError)

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchbridge.quantization import Int8WeightOnlyLinear, int8_weight_matmul
+from torchbridge.precisions.int8_weight_only import Int8WeightOnlyLinear, int8_weight_matmul
 
 __all__ = ["Proj", "StaticKVCache", "CausalDecoder", "GPT2Decoder", "LlamaDecoder", "DECODERS"]
 

@@ -54,7 +54,7 @@ class FastGenerator:
     """Greedy / sampled generation for GPT-2 and Llama-family HF causal LMs.
 
     The model is used as it is (device, dtype, int8 weights from
-    `torchbridge.quantization.quantize_weights_int8`); it is not modified. `compile=False` runs
+    `torchbridge.precisions.int8_weight_only.quantize_weights_int8`); it is not modified. `compile=False` runs
     the same functional decoder eagerly (used as the reference for the compiled path).
     """
 

@@ -1,7 +1,8 @@
 """The guide's public API for small text models (BERT, DistilBERT, GPT-2 and relatives)."""
 
-from .config import OptimizationMode, TextModelConfig, TextModelType
-from .optimizer import TextModelOptimizer
+from torchbridge.pipeline.config import OptimizationMode, TextModelConfig, TextModelType
+from torchbridge.pipeline.optimizer import TextModelOptimizer
+
 from .wrappers import (
     OptimizedBERT,
     OptimizedDistilBERT,

@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
-from .families import BUILTIN_CONFIGS
-from .loading import TASK_AUTO_CLASS, load_config
+from torchbridge.families import BUILTIN_CONFIGS
+from torchbridge.pipeline.loading import TASK_AUTO_CLASS, load_config
 
 BYTES_PER_PARAM = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
 

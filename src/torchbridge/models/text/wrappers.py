@@ -7,9 +7,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import OptimizationMode, TextModelConfig, TextModelType
-from .families import canonical_task
-from .optimizer import TextModelOptimizer
+from torchbridge.families import canonical_task
+from torchbridge.pipeline.config import OptimizationMode, TextModelConfig, TextModelType
+from torchbridge.pipeline.optimizer import TextModelOptimizer
 
 _LABEL_TASKS = ("sequence-classification", "token-classification")
 
@@ -118,7 +118,7 @@ def create_optimized_text_model(model_name: str | nn.Module, task: str | None = 
     elif config.optimization_mode != mode and optimization_mode != "inference":
         raise ValueError(f"optimization_mode={mode.value!r} conflicts with config's "
                          f"{config.optimization_mode.value!r}")
-    from .loading import default_task, load_config, task_of
+    from torchbridge.pipeline.loading import default_task, load_config, task_of
 
     if isinstance(model_name, nn.Module):
         model_type = getattr(getattr(model_name, "config", None), "model_type", "custom")

@@ -1,5 +1,5 @@
 """One benchmark run: the fp32 eager baseline, TorchBridge's optimized model and the peers, on
-the same weights and the same token ids, timed by :func:`torchbridge.benchmark.time_callable`.
+the same weights and the same token ids, timed by :func:`torchbridge.bench.harness.time_callable`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from typing import Any
 
 import torch
 
-from .benchmark import (
+from torchbridge.pipeline.decoding import fast_generator
+
+from .harness import (
     PeakMemory,
     Row,
     device_sync,
@@ -23,7 +25,6 @@ from .benchmark import (
     progress_bar,
     time_callable,
 )
-from .models.text.decoding import fast_generator
 from .peers import PEERS, Backend, PeerUnavailable, Workload, torch_backend
 
 DTYPES = {"auto": None, "float32": torch.float32, "fp32": torch.float32,
@@ -41,7 +42,7 @@ def env_report(device: str = "auto") -> dict[str, Any]:
     import torchbridge
     from torchbridge.backends import describe, detect
     from torchbridge.models.text import TextModelConfig
-    from torchbridge.models.text.plan import make_plan
+    from torchbridge.pipeline.plan import make_plan
 
     def version(pkg: str) -> str | None:
         try:
@@ -108,11 +109,11 @@ def make_batch(config: Any, batch: int, seq: int, *, padded: bool, left_pad: boo
                seed: int = 0) -> dict[str, torch.Tensor]:
     """Ordinary-word token ids from the model's vocabulary; the padded variant has rows from full
     length down to about a quarter (the verify step's batch), the full variant all real tokens."""
-    from .verify import padded_batch
+    from torchbridge.pipeline.verify import padded_batch
 
     b = padded_batch(config, batch, seq, seed=seed, left_pad=left_pad)
     if not padded:
-        from .verify import token_id_range
+        from torchbridge.pipeline.verify import token_id_range
 
         low, high = token_id_range(config)
         gen = torch.Generator().manual_seed(seed)
@@ -191,8 +192,8 @@ def fast_generate_fn(gen: Any, new_tokens: int) -> Any:
 def run_benchmark(spec: BenchSpec, workdir: Path | None = None) -> dict[str, Any]:
     """Run every row on every input variant and return the results document."""
     from torchbridge.backends import detect
-    from torchbridge.models.text.families import canonical_task
-    from torchbridge.models.text.loading import default_task, load_model
+    from torchbridge.families import canonical_task
+    from torchbridge.pipeline.loading import default_task, load_model
 
     spec.validate()
     if spec.threads:

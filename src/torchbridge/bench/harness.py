@@ -9,8 +9,8 @@ What makes a number honest here (and what the tests check):
 * every timed call is kept, so the median and p90 come from the samples, never from a mean;
 * peak memory is measured around the timed calls of one row only.
 
-The heavier orchestration (workloads, peers, fidelity) lives in :mod:`torchbridge.bench_runner`;
-the writers (JSON, markdown, PNG) live in :mod:`torchbridge.bench_report`.
+The heavier orchestration (workloads, peers, fidelity) lives in :mod:`torchbridge.bench.runner`;
+the writers (JSON, markdown, PNG) live in :mod:`torchbridge.bench.report`.
 """
 
 from __future__ import annotations

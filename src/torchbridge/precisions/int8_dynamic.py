@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from torchbridge.quantization import _is_conv1d, _weight_out_in, quantize_per_channel
+from torchbridge.precisions.int8_weight_only import _is_conv1d, _weight_out_in, quantize_per_channel
 
 
 class Int8DynamicLinear(nn.Module):

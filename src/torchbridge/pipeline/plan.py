@@ -8,14 +8,14 @@ from typing import Any
 import torch
 
 from torchbridge.backends import DeviceInfo, detect
-from torchbridge.precision import (
+from torchbridge.pipeline.verify import TOLERANCES
+from torchbridge.precisions.casting import (
     HALF_DTYPES,
     auto_dtype,
     auto_dtype_reason,
     check_explicit_dtype,
     half_dtype,
 )
-from torchbridge.verify import TOLERANCES
 
 from .config import MODE_PRESETS, OptimizationMode, TextModelConfig
 

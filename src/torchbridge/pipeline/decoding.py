@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchbridge.verify import VerificationError, padded_batch
+from torchbridge.pipeline.verify import VerificationError, padded_batch
 
 from .plan import Plan
 from .report import OptimizationReport
@@ -41,7 +41,7 @@ def _generation_config_kwargs(generation_config) -> dict[str, Any]:
 
 def fast_generate_applies(model: nn.Module) -> bool:
     from torchbridge.generation import FastGenerator
-    from torchbridge.int8_dynamic import Int8DynamicLinear
+    from torchbridge.precisions.int8_dynamic import Int8DynamicLinear
 
     # int8-dynamic is for compute-bound encoders; the decoder path reads float or int8 weights
     return FastGenerator.supports(model) and not any(

@@ -41,7 +41,7 @@ def save_optimized(model_name: str, out: Path, config: Any, *, task: str | None 
     """Optimize ``model_name`` with ``config`` and write DIR; returns a summary with timings."""
     import torchbridge
     from torchbridge.models.text import TextModelOptimizer
-    from torchbridge.models.text.loading import load_model, load_tokenizer
+    from torchbridge.pipeline.loading import load_model, load_tokenizer
 
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (out / PLAN_FILE).exists():

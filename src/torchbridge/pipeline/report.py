@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from torchbridge.backends import describe
-from torchbridge.padding import trims_padding
-from torchbridge.precision import autocast_dtype, fp32_norm_count, weight_dtype
-from torchbridge.verify import VerifyResult
+from torchbridge.pipeline.padding import trims_padding
+from torchbridge.pipeline.verify import VerifyResult
+from torchbridge.precisions.casting import autocast_dtype, fp32_norm_count, weight_dtype
 
 from .plan import Plan
 

@@ -11,14 +11,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchbridge.padding import PER_TOKEN_FIELDS, wrap_trim_padding
-from torchbridge.precision import cast_model, wrap_autocast
-from torchbridge.saved import is_saved, saved_config
-from torchbridge.verify import VerificationError, padded_batch, token_id_range, verify_model
+from torchbridge.families import canonical_task, family_for
+from torchbridge.pipeline.padding import PER_TOKEN_FIELDS, wrap_trim_padding
+from torchbridge.pipeline.saved import is_saved, saved_config
+from torchbridge.pipeline.verify import VerificationError, padded_batch, token_id_range, verify_model
+from torchbridge.precisions.casting import cast_model, wrap_autocast
 
 from .config import TextModelConfig
 from .decoding import attach_fast_generate, fast_generate_applies
-from .families import canonical_task, family_for
 from .loading import default_task, load_model, private_copy, task_of
 from .plan import Plan, make_plan
 from .report import OptimizationReport, count_sdpa_calls
@@ -53,12 +53,12 @@ def _quantize(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn.Mo
         report.step("quantization", False, "none requested")
         return model
     if plan.quantization == "int8-dynamic":
-        from torchbridge.int8_dynamic import quantize_dynamic_int8
+        from torchbridge.precisions.int8_dynamic import quantize_dynamic_int8
 
         model = quantize_dynamic_int8(model)
         detail = "int8-dynamic: int8 weights (per channel) and activations (per token), int8 GEMMs"
     else:
-        from torchbridge.quantization import quantize_weights_int8
+        from torchbridge.precisions.int8_weight_only import quantize_weights_int8
 
         model = quantize_weights_int8(model)
         detail = "int8-weight-only: int8 weights (per channel), LM head included; float compute"

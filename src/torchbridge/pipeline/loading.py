@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .families import BUILTIN_CONFIGS, builtin_config, canonical_task, family_for
+from torchbridge.families import BUILTIN_CONFIGS, builtin_config, canonical_task, family_for
 
 TASK_AUTO_CLASS = {
     "sequence-classification": "AutoModelForSequenceClassification",
