@@ -9,10 +9,13 @@ Under torch.compile the quantize/rescale arithmetic fuses into the neighbouring 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
-from torchbridge.precisions.int8_weight_only import _is_conv1d, _weight_out_in, quantize_per_channel
+from torchbridge.precisions.int8_weight_only import quantize_per_channel
+from torchbridge.precisions.swap import swap_linears, weight_out_in
 
 
 class Int8DynamicLinear(nn.Module):
@@ -20,7 +23,7 @@ class Int8DynamicLinear(nn.Module):
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
-        weight = _weight_out_in(module)
+        weight = weight_out_in(module)
         q, scales = quantize_per_channel(weight)
         self.out_features, self.in_features = q.shape
         # [in, out] contiguous: the layout _int_mm(a [M, K], b [K, N]) reads fastest
@@ -48,14 +51,9 @@ class Int8DynamicLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 dynamic"
 
 
-def quantize_dynamic_int8(model: nn.Module, *, include_head: bool = True) -> nn.Module:
-    """Swap every nn.Linear / Conv1D for Int8DynamicLinear, in place. Returns ``model``."""
-    head = None if include_head or not hasattr(model, "get_output_embeddings") \
-        else model.get_output_embeddings()
-    for name, module in list(model.named_modules()):
-        if module is head or not (isinstance(module, nn.Linear) or _is_conv1d(module)):
-            continue
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Int8DynamicLinear(module).to(module.weight.device))
+def quantize_dynamic_int8(model: nn.Module, *, include_head: bool = True,
+                          skip: Iterable[str] = ()) -> nn.Module:
+    """Swap every nn.Linear / Conv1D (but those named in ``skip``) for Int8DynamicLinear, in
+    place. Returns ``model``."""
+    swap_linears(model, Int8DynamicLinear, include_head=include_head, skip=skip)
     return model

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchbridge.precisions.swap import swap_linears, weight_out_in
+
 __all__ = [
     "Int8WeightOnlyLinear", "int8_weight_matmul", "quantize_weights_int8", "quantize_per_channel",
     "sqnr_db",
@@ -87,7 +89,7 @@ class Int8WeightOnlyLinear(nn.Module):
     @classmethod
     def from_float(cls, module: nn.Module) -> Int8WeightOnlyLinear:
         """Quantize an `nn.Linear` or a transformers `Conv1D` (weight [in, out])."""
-        weight = _weight_out_in(module)
+        weight = weight_out_in(module)
         q, s = quantize_per_channel(weight)
         bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
         return cls(q, s, bias)
@@ -105,23 +107,6 @@ class Int8WeightOnlyLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, weight=int8"
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # transformers missing: there is no Conv1D to handle
-        return False
-    return isinstance(module, Conv1D)
-
-
-def _weight_out_in(module: nn.Module) -> torch.Tensor:
-    if isinstance(module, nn.Linear):
-        return module.weight.detach()
-    if _is_conv1d(module):
-        # transformers' Conv1D computes x @ W + b with W of shape [in, out].
-        return module.weight.detach().t()
-    raise TypeError(f"cannot quantize {type(module).__name__}: expected nn.Linear or Conv1D")
-
-
 def quantize_weights_int8(
     model: nn.Module,
     *,
@@ -134,22 +119,12 @@ def quantize_weights_int8(
     `skip` lists module names (as in `named_modules`) to leave untouched. Returns `model`.
     Embedding tables stay in float: a lookup reads one row per token, so they cost no bandwidth.
     """
-    skip_set = set(skip)
-    head = None
-    if not include_lm_head and hasattr(model, "get_output_embeddings"):
-        head = model.get_output_embeddings()
-    targets = []
-    for name, module in model.named_modules():
-        if name in skip_set or module is head:
-            continue
-        if isinstance(module, nn.Linear) or _is_conv1d(module):
-            targets.append(name)
-    for name in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        old = getattr(parent, child)
-        new = Int8WeightOnlyLinear.from_float(old).to(old.weight.device)
+
+    def make(old: nn.Module) -> Int8WeightOnlyLinear:
+        new = Int8WeightOnlyLinear.from_float(old)
         if new.bias is not None:
             new.bias = new.bias.to(old.weight.dtype)
-        setattr(parent, child, new)
+        return new
+
+    swap_linears(model, make, include_head=include_lm_head, skip=skip)
     return model
