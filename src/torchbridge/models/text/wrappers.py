@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -35,6 +37,9 @@ class OptimizedTextModel(nn.Module):
         self.model = self.optimizer.optimize(model_name, task=task, **kwargs)
         self.report = self.optimizer.report
         self.task = self.report.task
+        # a name or folder has its tokenizer next to it; a module given as such may not
+        self._tokenizer_source = str(model_name) if isinstance(model_name, (str, os.PathLike)) else None
+        self._tokenizer: Any = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
@@ -55,6 +60,43 @@ class OptimizedTextModel(nn.Module):
 
     def get_optimization_info(self) -> dict[str, Any]:
         return self.report.info()
+
+    @property
+    def tokenizer(self) -> Any:
+        """The model's tokenizer, loaded on first use from the model's name or folder; settable."""
+        if self._tokenizer is None:
+            if self._tokenizer_source is None:
+                raise ValueError(
+                    f"this {type(self.model).__name__} was given as a module, not a name or folder, "
+                    "so torchbridge cannot tell which tokenizer goes with it; fix: "
+                    "model.tokenizer = AutoTokenizer.from_pretrained(NAME_OR_FOLDER)")
+            from torchbridge.pipeline.loading import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self._tokenizer_source)
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+
+    # Batch API over lists of texts; the work is in torchbridge.data.inference.
+    def encode(self, texts: Sequence[str], **kwargs: Any) -> Any:
+        """Sentence embeddings in input order (see torchbridge.data.inference.encode)."""
+        from torchbridge.data.inference import encode
+
+        return encode(self, texts, **kwargs)
+
+    def predict(self, texts: Sequence[Any], **kwargs: Any) -> list:
+        """Labels, entities or answers per input (see torchbridge.data.inference.predict)."""
+        from torchbridge.data.inference import predict
+
+        return predict(self, texts, **kwargs)
+
+    def generate_text(self, prompts: Sequence[str], **kwargs: Any) -> list[str]:
+        """Continuations of a list of prompts (see torchbridge.data.inference.generate_text)."""
+        from torchbridge.data.inference import generate_text
+
+        return generate_text(self, prompts, **kwargs)
 
 
 class _EncoderModel(OptimizedTextModel):
