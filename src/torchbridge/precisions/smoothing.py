@@ -1,0 +1,58 @@
+"""SmoothQuant-style smoothing of activation outliers for dynamic int8.
+
+Transformer activations carry a few channels with ranges 10-100x the others. With per-token
+activation scales those channels set the scale of every token, and the ordinary channels lose
+most of their resolution. SmoothQuant (Xiao et al., 2023) divides each input channel j of a
+projection by s_j = max|X_j|^alpha / max|W_j|^(1 - alpha) and multiplies the weight's column j by
+the same s_j: the product is unchanged, the activation's range is flattened, and the weight
+(quantized per output channel) absorbs the difference.
+
+Where the division goes: SmoothQuant folds 1/s into the preceding LayerNorm. That is exact only
+when the LayerNorm's output feeds nothing but the smoothed projections, which holds in pre-LN
+decoders (GPT-2's ln_1 -> c_attn) but not in post-LN encoders (BERT, MiniLM): there the LayerNorm
+output is also the residual stream. So :class:`Int8DynamicLinear` applies 1/s to its own input;
+under torch.compile that multiply fuses into the quantize kernel and costs no extra pass.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from torchbridge.precisions.swap import weight_out_in
+
+
+@torch.no_grad()
+def activation_channel_max(model: nn.Module, names: list[str],
+                           inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-input-channel max |x| seen by each named projection on one forward of ``inputs``
+    (padded positions included: their hidden states are real activations the GEMM quantizes)."""
+    stats: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def hook(name: str):
+        def record(_module: nn.Module, args: tuple) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).abs().amax(dim=0).float()
+            stats[name] = torch.maximum(stats[name], x) if name in stats else x
+        return record
+
+    for name in names:
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook(name)))
+    try:
+        model(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [n for n in names if n not in stats]
+    if missing:
+        raise RuntimeError(f"calibration forward never reached {missing[:3]}: cannot smooth them")
+    return stats
+
+
+def smoothing_scales(act_max: torch.Tensor, module: nn.Module, alpha: float) -> torch.Tensor:
+    """s_j = max|X_j|^alpha / max|W_j|^(1 - alpha), clamped so dead channels keep s = 1."""
+    w_max = weight_out_in(module).float().abs().amax(dim=0).to(act_max.device)
+    a = act_max.float().clamp_min(1e-5)
+    s = a.pow(alpha) / w_max.clamp_min(1e-5).pow(1.0 - alpha)
+    dead = (act_max <= 1e-5) | (w_max <= 1e-5)
+    return torch.where(dead, torch.ones_like(s), s).clamp(1e-4, 1e4)
