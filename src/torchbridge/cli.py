@@ -126,6 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, required=True, help="folder to write")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
 
+    p = sub.add_parser("serve", help="serve the model over HTTP (OpenAI-shaped, batched)")
+    p.add_argument("model", help="hub name (offline cache), local folder or optimize --output")
+    _add_model_options(p)
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    from torchbridge.serve.cli import add_arguments as add_serve_arguments
+
+    add_serve_arguments(p)
+
     p = sub.add_parser("run", help="run the model over a JSONL, CSV or Parquet file (streamed, "
                        "sharded, resumable; bad rows to an errors file)")
     p.add_argument("model")
@@ -266,6 +274,12 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from torchbridge.serve.cli import serve
+
+    return serve(args, _model_config(args))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from torchbridge.data.command import run_command
 
@@ -281,7 +295,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"env": cmd_env, "benchmark": cmd_benchmark, "generate": cmd_generate,
-            "classify": cmd_classify, "optimize": cmd_optimize, "run": cmd_run}
+            "classify": cmd_classify, "optimize": cmd_optimize, "run": cmd_run,
+            "serve": cmd_serve}
 
 
 def _usage_errors() -> tuple[type[BaseException], ...]:
