@@ -163,3 +163,36 @@ def test_a_failing_request_does_not_fail_its_batch_neighbours():
     assert results[0] == [2] and results[2] == [4]
     assert isinstance(results[1], ValueError) and "boom" in str(results[1])
     assert calls[0] == ["ab", "boom", "abcd"]  # one batch first, then each request alone
+
+
+def test_cli_serves_a_folder_and_stops_on_sigint(tiny_bert_dir):
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torchbridge.cli", "serve", str(tiny_bert_dir), "--no-compile",
+         "--task", "feature-extraction", "--port", str(port), "--served-model-name", "mini"],
+        stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.2)
+        r = httpx.post(url + "/v1/embeddings", json={"input": ["good", "bad"], "model": "mini"})
+        assert r.status_code == 200 and len(r.json()["data"]) == 2
+        assert httpx.get(url + "/health").json()["task"] == "feature-extraction"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
