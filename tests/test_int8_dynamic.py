@@ -9,7 +9,11 @@ from transformers.pytorch_utils import Conv1D
 
 from torchbridge.precisions.int8_dynamic import Int8DynamicLinear, quantize_dynamic_int8
 from torchbridge.precisions.int8_weight_only import sqnr_db
-from torchbridge.precisions.smoothing import activation_channel_max, smoothing_scales
+from torchbridge.precisions.smoothing import (
+    activation_channel_max,
+    quantize_dynamic_int8_smoothed,
+    smoothing_scales,
+)
 from torchbridge.precisions.swap import is_linear
 
 
@@ -90,3 +94,15 @@ def test_compiled_equals_eager():
     # inductor may round bf16 intermediates differently, which can move a token's int8 rounding
     assert sqnr_db(eager, got) > 25
     torch.testing.assert_close(got, eager, atol=0.05, rtol=0.05)
+
+
+def test_smoothed_quantization_of_a_whole_model_stays_close():
+    model = tiny_model("bert", "sequence-classification", num_labels=3)
+    ids = torch.randint(5, 99, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    quantize_dynamic_int8_smoothed(model, {"input_ids": ids}, alpha=0.5)
+    mods = [m for m in model.modules() if isinstance(m, Int8DynamicLinear)]
+    assert mods and all(m.inv_smooth is not None for m in mods)
+    with torch.no_grad():
+        assert sqnr_db(ref, model(input_ids=ids).logits) > 20

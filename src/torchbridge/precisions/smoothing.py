@@ -16,10 +16,12 @@ under torch.compile that multiply fuses into the quantize kernel and costs no ex
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
-from torchbridge.precisions.swap import weight_out_in
+from torchbridge.precisions.swap import linear_names, weight_out_in
 
 
 @torch.no_grad()
@@ -56,3 +58,21 @@ def smoothing_scales(act_max: torch.Tensor, module: nn.Module, alpha: float) -> 
     s = a.pow(alpha) / w_max.clamp_min(1e-5).pow(1.0 - alpha)
     dead = (act_max <= 1e-5) | (w_max <= 1e-5)
     return torch.where(dead, torch.ones_like(s), s).clamp(1e-4, 1e4)
+
+
+def quantize_dynamic_int8_smoothed(model: nn.Module, calibration_inputs: dict[str, torch.Tensor],
+                                   alpha: float, *, include_head: bool = True,
+                                   skip: Iterable[str] = ()) -> nn.Module:
+    """Like ``quantize_dynamic_int8``, each projection smoothed with scales calibrated on one
+    forward of ``calibration_inputs`` (model inputs). In place; returns ``model``."""
+    from torchbridge.precisions.int8_dynamic import Int8DynamicLinear
+
+    names = linear_names(model, include_head=include_head, skip=skip)
+    act_max = activation_channel_max(model, names, calibration_inputs)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = getattr(parent, child)
+        scales = smoothing_scales(act_max[name], old, alpha)
+        setattr(parent, child, Int8DynamicLinear(old, smooth=scales).to(old.weight.device))
+    return model
