@@ -216,7 +216,7 @@ def create_app(model: Any, settings: ServeSettings) -> Any:
                                             "task": server.task}]}
 
     @app.post("/v1/embeddings", dependencies=guarded)
-    async def embeddings(body: EmbeddingRequest, request: Request) -> dict:
+    async def embeddings(body: EmbeddingRequest, request: Request) -> JSONResponse:
         server.check_model(body.model)
         batcher = server.need(server.embedder, "/v1/embeddings", "an encoder model")
         texts = [body.input] if isinstance(body.input, str) else list(body.input)
@@ -233,8 +233,9 @@ def create_app(model: Any, settings: ServeSettings) -> Any:
             emb: Any = base64.b64encode(v.tobytes()).decode() \
                 if body.encoding_format == "base64" else v.tolist()
             data.append({"object": "embedding", "index": i, "embedding": emb})
-        return {"object": "list", "data": data, "model": settings.model_id,
-                "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
+        # a JSONResponse skips FastAPI's recursive jsonable_encoder over every float
+        return JSONResponse({"object": "list", "data": data, "model": settings.model_id,
+                             "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}})
 
     @app.post("/v1/classify", dependencies=guarded)
     async def classify(body: ClassifyRequest, request: Request) -> dict:
