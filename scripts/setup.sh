@@ -11,6 +11,6 @@ fi
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 pip install -q -c constraints.txt torch
-extras="test,bench"
+extras="test,bench,data,serve,ray"
 if [ "${TORCHBRIDGE_PEERS:-0}" = "1" ]; then extras="$extras,peers"; fi
 pip install -q -c constraints.txt -e ".[$extras]"

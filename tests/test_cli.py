@@ -166,8 +166,9 @@ def test_optimize_saves_and_reloads(capsys: pytest.CaptureFixture, tiny_bert_dir
                                     tmp_path: Path) -> None:
     from safetensors import safe_open
 
+    from torchbridge.models.text import TextModelConfig, TextModelOptimizer
     from torchbridge.pipeline.loading import load_model
-    from torchbridge.pipeline.saved import load_optimized
+    from torchbridge.pipeline.saved import read_record
 
     out_dir = tmp_path / "opt"
     code, out, err = run_cli(capsys, "optimize", str(tiny_bert_dir), "--output", str(out_dir),
@@ -179,9 +180,11 @@ def test_optimize_saves_and_reloads(capsys: pytest.CaptureFixture, tiny_bert_dir
     with safe_open(out_dir / "model.safetensors", "pt") as f:  # weights saved converted
         key = next(k for k in f.keys() if k.endswith("query.weight"))
         assert f.get_tensor(key).dtype == torch.bfloat16
-    model, meta = load_optimized(out_dir)
-    assert meta["optimization_info"]["verify"] is None  # verified at save time, not again
-    assert meta["record"]["verify_at_save"]["passed"] is True
+    opt = TextModelOptimizer(TextModelConfig(warmup_steps=1, warmup_seq_len=16))
+    model = opt.optimize(out_dir)
+    assert opt.get_optimization_info()["verify"] is None  # verified at save time, not again
+    assert read_record(out_dir)["verify_at_save"]["passed"] is True
+    assert opt.plan.dtype == torch.bfloat16 and not opt.report.compiled  # the saved plan
     ref = load_model(tiny_bert_dir, "sequence-classification")
     ids = torch.randint(5, 99, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():

@@ -18,7 +18,7 @@ V100 = DeviceInfo("cuda", 0, "V100", "nvidia", capability=(7, 0))
 def test_fields_in_order_with_guide_defaults():
     fields = [(f.name, f.default) for f in dataclasses.fields(TextModelConfig) if f.init][:13]
     assert fields == [
-        ("model_name", "bert-base-uncased"), ("model_type", TextModelType.BERT),
+        ("model_name", "bert-base-uncased"), ("model_type", None),
         ("max_sequence_length", 512), ("optimization_mode", OptimizationMode.INFERENCE),
         ("use_torch_compile", True), ("compile_mode", "reduce-overhead"), ("dtype", None),
         ("use_amp", True), ("gradient_checkpointing", False),
@@ -98,9 +98,12 @@ def test_memory_mode_halves_weights_even_without_native_bf16():
 
 
 def test_fp8_only_where_the_hardware_has_it():
-    from torchbridge.precisions.casting import PrecisionNotSupportedError
+    from torchbridge.precisions import PrecisionNotSupportedError
 
-    assert make_plan(TextModelConfig(dtype=torch.float8_e4m3fn), device=H100).dtype == torch.float8_e4m3fn
+    plan = make_plan(TextModelConfig(dtype=torch.float8_e4m3fn), device=H100)
+    # the guide's dtype=float8 is the fp8 weight format over bf16 compute
+    assert (plan.dtype, plan.quantization, plan.precision_name) == (
+        torch.bfloat16, "fp8-weight-only", "fp8-weight-only")
     for device in (A100, CPU_BF16):
         with pytest.raises(PrecisionNotSupportedError, match="8.9"):
             make_plan(TextModelConfig(dtype=torch.float8_e4m3fn), device=device)
@@ -117,11 +120,12 @@ def test_amp_only_with_half_precision():
 
 def test_compile_kwargs_per_device():
     cuda = make_plan(TextModelConfig(), device=A100)
-    assert cuda.compile_kwargs() == {"mode": "reduce-overhead"}
-    cpu = make_plan(TextModelConfig(), device=CPU_BF16)
-    assert cpu.compile_kwargs() == {"options": {"freezing": True}}
+    assert cuda.compile and cuda.compile_kwargs() == {"mode": "reduce-overhead"}
+    cpu = make_plan(TextModelConfig(), device=CPU_BF16, kind="causal-lm")
+    assert cpu.compile and cpu.compile_kwargs() == {"options": {"freezing": True}}
     assert any("CUDA graphs" in n for n in cpu.notes)
-    auto = make_plan(TextModelConfig(optimization_mode="throughput"), device=CPU_BF16)
+    auto = make_plan(TextModelConfig(optimization_mode="throughput"), device=CPU_BF16,
+                     kind="causal-lm")
     assert auto.compile_kwargs()["options"]["max_autotune"] is True
     assert not any("cudagraphs" in k for k in auto.compile_kwargs()["options"])
 
@@ -129,3 +133,53 @@ def test_compile_kwargs_per_device():
 def test_warmup_shape_is_clipped_to_the_model():
     plan = make_plan(TextModelConfig(warmup_seq_len=600), model_max_positions=128, device=CPU_BF16)
     assert plan.warmup_shape == (1, 128) and plan.max_sequence_length == 128
+
+
+def test_cpu_float_encoders_skip_compile_unless_asked():
+    auto = make_plan(TextModelConfig(), device=CPU_BF16)
+    assert not auto.compile and "oneDNN" in auto.compile_reason
+    assert make_plan(TextModelConfig(use_torch_compile=True), device=CPU_BF16).compile
+    assert make_plan(TextModelConfig(compile_mode="max-autotune"), device=CPU_BF16).compile
+    assert make_plan(TextModelConfig(quantization="int8-dynamic"), device=CPU_BF16).compile
+    assert make_plan(TextModelConfig(), device=CPU_BF16, kind="module").compile
+
+
+@pytest.mark.parametrize("copier", [
+    lambda c: dataclasses.replace(c, verify=False),
+    lambda c: __import__("copy").deepcopy(c),
+    lambda c: __import__("pickle").loads(__import__("pickle").dumps(c)),
+    lambda c: c.replace(warmup_steps=1),
+])
+def test_replace_copy_and_pickle_keep_the_preset(copier):
+    memory = TextModelConfig(optimization_mode="memory")
+    copied = copier(memory)
+    assert not copied.is_explicit("compile_mode") and not copied.is_explicit("gradient_checkpointing")
+    plan = make_plan(copied, device=A100)
+    assert plan.compile_mode == "default" and plan.gradient_checkpointing
+    # a field the user set stays set through the copy, even equal to the preset
+    pinned = copier(TextModelConfig(optimization_mode="memory", compile_mode="default"))
+    assert pinned.is_explicit("compile_mode")
+    assert make_plan(dataclasses.replace(pinned, optimization_mode="throughput"),
+                     device=A100).compile_mode == "default"
+
+
+def test_changing_the_mode_by_replace_takes_the_new_preset():
+    throughput = dataclasses.replace(TextModelConfig(optimization_mode="memory"),
+                                     optimization_mode="throughput")
+    assert throughput.compile_mode == "max-autotune" and throughput.select_precision == "speed"
+
+
+def test_unknown_device_type_raises():
+    with pytest.raises(ValueError, match="device table"):
+        make_plan(TextModelConfig(), device=DeviceInfo("tpu", 0, "tpu", "google"))
+
+
+def test_plan_round_trips_through_json():
+    import json
+
+    from torchbridge.pipeline.plan import Plan
+
+    plan = make_plan(TextModelConfig(warmup_seq_len=48, trim_padding=False, max_sequence_length=200,
+                                     quantization="int8-dynamic"), device=CPU_BF16)
+    again = Plan.from_dict(json.loads(json.dumps(plan.to_dict())), CPU_BF16)
+    assert again == plan

@@ -12,7 +12,8 @@ def test_parameter_counts_match_the_published_models(name, millions):
     assert row["parameters"] / 1e6 == pytest.approx(millions, abs=0.1)
     assert row["fp32_mib"] == pytest.approx(2 * row["bf16_mib"], abs=0.2)
     assert row["fp16_mib"] == row["bf16_mib"]
-    assert row["int8_mib"] == pytest.approx(row["fp32_mib"] / 4, abs=0.2)
+    assert row["int8-weight-only_mib"] == pytest.approx(row["fp32_mib"] / 4, abs=0.2)
+    assert row["int8-dynamic_mib"] == row["fp8-weight-only_mib"] == row["int8-weight-only_mib"]
 
 
 def test_table_and_local_folder(tiny_bert_dir):

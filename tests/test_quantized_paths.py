@@ -6,7 +6,7 @@ from conftest import no_compile, tiny_model
 
 from torchbridge.models.text import TextModelOptimizer
 from torchbridge.pipeline.verify import padded_batch
-from torchbridge.precisions.casting import Fp8Linear, convert_linears_to_fp8
+from torchbridge.precisions.fp8 import Fp8Linear, convert_linears_to_fp8
 from torchbridge.precisions.int8_dynamic import Int8DynamicLinear
 from torchbridge.precisions.int8_weight_only import sqnr_db
 
@@ -43,6 +43,22 @@ def test_fp8_weights_halve_bf16_memory_and_stay_close():
     model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.GELU(), torch.nn.Linear(48, 16))
     x = torch.randn(4, 32)
     ref = model(x)
-    fp8 = convert_linears_to_fp8(model.to(torch.bfloat16))
+    fp8 = convert_linears_to_fp8(model)
     assert isinstance(fp8[0], Fp8Linear) and fp8[0].weight_fp8.dtype == torch.float8_e4m3fn
     assert sqnr_db(ref, fp8(x).float()) > 15
+
+
+def test_every_weight_format_converts_gpt2_conv1d_projections():
+    """One swap helper for every quantizer: GPT-2's Conv1D projections convert, not just its head."""
+    from torchbridge.precisions import PRECISIONS, WEIGHT_FORMATS
+    from torchbridge.precisions.swap import is_linear
+
+    for name in WEIGHT_FORMATS:
+        model = tiny_model("gpt2", "causal-lm")
+        converted = PRECISIONS[name].quantize(model, ())
+        left = [n for n, m in converted.named_modules() if is_linear(m)]
+        assert left == [], (name, left)
+        batch = padded_batch(model.config, 2, 10)
+        with torch.no_grad():
+            out = converted(**batch).logits
+        assert torch.isfinite(out.float()).all()

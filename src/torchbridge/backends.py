@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -244,15 +245,56 @@ def detect(requested: str = "auto") -> DeviceInfo:
     return DeviceInfo(type="mps", index=None, name="Apple GPU", vendor="apple", cpu_isa=cpu_isa())
 
 
+# --- the device table: what differs per torch device type, in one place ----------------------
+
+
+@dataclass(frozen=True)
+class DeviceOps:
+    """Per-device-type operations. Every device branch of the library reads this table; a device
+    type without a row raises instead of silently taking the CPU's branches."""
+
+    synchronize: Callable[[torch.device], None]
+    memory_allocated: Callable[[torch.device], int] | None  # bytes held by tensors; None: no counter
+    max_memory_allocated: Callable[[torch.device], int] | None
+    reset_peak_memory: Callable[[torch.device], None] | None
+    profiler_activity: str | None  # torch.profiler.ProfilerActivity name beside CPU
+    graph_capture: bool  # "reduce-overhead" replays captured graphs (CUDA graphs) here
+    compile_freezing: bool  # inductor freezing: weights folded into constants, prepacked GEMMs
+
+
+def _no_sync(device: torch.device) -> None:
+    """CPU ops run synchronously: nothing is queued."""
+
+
+DEVICE_TABLE: dict[str, DeviceOps] = {
+    "cpu": DeviceOps(_no_sync, None, None, None, None, graph_capture=False, compile_freezing=True),
+    "cuda": DeviceOps(
+        torch.cuda.synchronize, torch.cuda.memory_allocated, torch.cuda.max_memory_allocated,
+        torch.cuda.reset_peak_memory_stats, "CUDA", graph_capture=True, compile_freezing=False),
+    "xpu": DeviceOps(
+        lambda d: torch.xpu.synchronize(d), lambda d: torch.xpu.memory_allocated(d),
+        lambda d: torch.xpu.max_memory_allocated(d), lambda d: torch.xpu.reset_peak_memory_stats(d),
+        "XPU", graph_capture=False, compile_freezing=False),
+    "mps": DeviceOps(
+        lambda d: torch.mps.synchronize(), lambda d: torch.mps.current_allocated_memory(), None, None,
+        None, graph_capture=False, compile_freezing=False),
+}
+
+
+def device_ops(device: torch.device | str | DeviceInfo) -> DeviceOps:
+    """The table row for a device (a DeviceInfo, torch.device or string such as 'cuda:0')."""
+    kind = device.type if isinstance(device, (DeviceInfo, torch.device)) else torch.device(device).type
+    try:
+        return DEVICE_TABLE[kind]
+    except KeyError:
+        raise ValueError(f"device type {kind!r} has no entry in torchbridge's device table; known: "
+                         f"{', '.join(DEVICE_TABLE)}") from None
+
+
 def synchronize(device: torch.device | str) -> None:
     """Wait for queued work on the device; a no-op on CPU, where ops run synchronously."""
-    kind = torch.device(device).type
-    if kind == "cuda":
-        torch.cuda.synchronize(device)
-    elif kind == "xpu":
-        torch.xpu.synchronize(device)
-    elif kind == "mps":
-        torch.mps.synchronize()
+    device = torch.device(device)
+    device_ops(device).synchronize(device)
 
 
 def describe(info: DeviceInfo) -> dict:

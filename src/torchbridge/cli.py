@@ -39,15 +39,15 @@ def _positive(value: str) -> int:
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
-    from torchbridge.bench.runner import DTYPES
     from torchbridge.pipeline.config import QUANTIZATION_CHOICES, OptimizationMode
+    from torchbridge.precisions import DTYPE_SPELLINGS
 
     p.add_argument("--mode", default="inference", choices=[m.value for m in OptimizationMode],
                    help="optimization mode (preset of dtype, compile mode, warm-up shape)")
-    p.add_argument("--dtype", default="auto", choices=list(DTYPES),
+    p.add_argument("--dtype", default="auto", choices=list(DTYPE_SPELLINGS),
                    help="compute precision of the optimized model; auto = the device's best")
     p.add_argument("--quantization", default=None, choices=[q for q in QUANTIZATION_CHOICES if q],
-                   help="int8 quantization of the optimized model")
+                   help="weight format on top of the dtype (see docs/precisions.md)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda[:N], xpu[:N] or mps")
     p.add_argument("--task", default=None,
                    help="e.g. text-classification, causal-lm (default: from the checkpoint)")
@@ -56,13 +56,13 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 
 
 def _model_config(args: argparse.Namespace, **extra: Any) -> Any:
-    from torchbridge.bench.runner import DTYPES
     from torchbridge.models.text import TextModelConfig
+    from torchbridge.precisions import DTYPE_SPELLINGS
 
     fields: dict[str, Any] = {"optimization_mode": args.mode, "device": args.device,
                               "random_weights": args.random_weights, **extra}
-    if DTYPES[args.dtype] is not None:
-        fields["dtype"] = DTYPES[args.dtype]
+    if DTYPE_SPELLINGS[args.dtype] is not None:
+        fields["dtype"] = DTYPE_SPELLINGS[args.dtype]
     if args.quantization:
         fields["quantization"] = args.quantization
     if getattr(args, "no_compile", False):
@@ -287,9 +287,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:
-    from torchbridge.pipeline.saved import save_optimized
+    from torchbridge.models.text import TextModelOptimizer
 
-    summary = save_optimized(args.model, args.output, _model_config(args), task=args.task)
+    optimizer = TextModelOptimizer(_model_config(args))
+    model = optimizer.optimize(args.model, task=args.task)
+    summary = optimizer.save_pretrained(model, args.output, source=args.model)
+    summary["optimize_s"] = round(optimizer.report.timings["total_s"], 3)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -304,7 +307,7 @@ def _usage_errors() -> tuple[type[BaseException], ...]:
     from torchbridge.backends import DeviceNotAvailableError
     from torchbridge.bench.peers import PeerUnavailable
     from torchbridge.pipeline.loading import ModelNotAvailableError
-    from torchbridge.precisions.casting import PrecisionNotSupportedError
+    from torchbridge.precisions import PrecisionNotSupportedError
 
     return (UsageError, ValueError, ModelNotAvailableError, DeviceNotAvailableError,
             PeerUnavailable, PrecisionNotSupportedError)

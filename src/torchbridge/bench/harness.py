@@ -33,24 +33,18 @@ def _no_sync() -> None:
 
 
 def device_sync(device: Any) -> Callable[[], None]:
-    """A zero-argument barrier for ``device`` (a ``torch.device``, its string, or ``None``).
-
-    Uses ``torchbridge.backends.synchronize`` when the library provides it, so that every
-    device type the library knows is covered in one place; falls back to torch's own.
-    """
+    """A zero-argument barrier for ``device`` (a ``torch.device``, its string, or ``None``), from
+    the device table (``torchbridge.backends.device_ops``)."""
     if device is None:
         return _no_sync
     import torch
 
-    dev = torch.device(device) if not isinstance(device, torch.device) else device
+    from torchbridge import backends
+
+    dev = torch.device(device)
     if dev.type == "cpu":
         return _no_sync
-    try:
-        from torchbridge.backends import synchronize
-    except ImportError:  # the lead's module not there yet: torch's per-type sync is equivalent
-        mod = getattr(torch, dev.type)
-        return lambda: mod.synchronize()
-    return lambda: synchronize(dev)
+    return lambda: backends.synchronize(dev)
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -129,7 +123,8 @@ def time_callable(
 class PeakMemory:
     """Peak memory over a block, in bytes, relative to the start of the block.
 
-    CUDA/XPU: the allocator's high-water mark. CPU: the process resident-set high-water mark
+    Accelerators with a peak counter in the device table: the allocator's high-water mark. CPU:
+    the process resident-set high-water mark
     (``VmHWM``), reset through ``/proc/self/clear_refs`` so each block is measured on its own;
     where that file is not writable (not Linux) ``value`` stays ``None`` rather than reporting
     the lifetime peak of the process as if it belonged to this block.
@@ -143,21 +138,24 @@ class PeakMemory:
         self.value: int | None = None
 
     def __enter__(self) -> PeakMemory:
-        kind = self.device.type
-        if kind in ("cuda", "xpu"):
-            mod = getattr(__import__("torch"), kind)
-            mod.reset_peak_memory_stats(self.device)
-            self.start = mod.memory_allocated(self.device)
-        elif kind == "cpu" and _reset_rss_peak():
+        from torchbridge.backends import device_ops
+
+        ops = device_ops(self.device)
+        if ops.max_memory_allocated is not None and ops.reset_peak_memory is not None:
+            ops.reset_peak_memory(self.device)
+            self.start = ops.memory_allocated(self.device)
+        elif self.device.type == "cpu" and _reset_rss_peak():
             self.start = _read_status_kb("VmRSS") * 1024
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.start is None:
             return
-        kind = self.device.type
-        if kind in ("cuda", "xpu"):
-            peak = getattr(__import__("torch"), kind).max_memory_allocated(self.device)
+        from torchbridge.backends import device_ops
+
+        ops = device_ops(self.device)
+        if ops.max_memory_allocated is not None:
+            peak = ops.max_memory_allocated(self.device)
         else:
             peak = _read_status_kb("VmHWM") * 1024
         self.value = max(0, peak - self.start)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from torchbridge.pipeline.decoding import fast_generator
+from torchbridge.precisions import DTYPE_SPELLINGS
 
 from .harness import (
     PeakMemory,
@@ -27,9 +28,7 @@ from .harness import (
 )
 from .peers import PEERS, Backend, PeerUnavailable, Workload, torch_backend
 
-DTYPES = {"auto": None, "float32": torch.float32, "fp32": torch.float32,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = DTYPE_SPELLINGS
 OPTIONAL_PACKAGES = ("onnxruntime", "onnx", "openvino", "ctranslate2", "matplotlib", "tqdm")
 
 

@@ -141,3 +141,18 @@ def load_tokenizer(name_or_path: str | os.PathLike):
 def private_copy(model: nn.Module) -> nn.Module:
     """A deep copy, so that optimizing never modifies the caller's model."""
     return copy.deepcopy(model)
+
+
+def calibration_tokenizer(name: str, model: nn.Module):
+    """The model's tokenizer for the gates' real text, or None when there is none offline (the
+    gates then use ids from the vocabulary, and the report says so)."""
+    for candidate in (name, getattr(getattr(model, "config", None), "name_or_path", None)):
+        if not candidate:
+            continue
+        try:
+            tokenizer = load_tokenizer(candidate)
+        except ModelNotAvailableError:
+            continue
+        if len(tokenizer) <= int(model.config.vocab_size):
+            return tokenizer  # a tokenizer whose ids the model can embed
+    return None

@@ -1,134 +1,45 @@
-"""TextModelOptimizer: load -> plan -> apply -> verify -> warm up -> optimized model + report."""
+"""TextModelOptimizer: load -> plan -> apply -> verify -> warm up -> optimized model + report.
+
+One list of steps per family (``torchbridge.families``), no task special cases here: the family
+says which steps run, which gate fits its outputs and how it warms up.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from torchbridge.families import canonical_task, family_for
-from torchbridge.pipeline.padding import PER_TOKEN_FIELDS, wrap_trim_padding
-from torchbridge.pipeline.saved import is_saved, saved_config
-from torchbridge.pipeline.verify import VerificationError, padded_batch, token_id_range, verify_model
-from torchbridge.precisions.casting import cast_model, wrap_autocast
+from torchbridge.backends import device_ops
+from torchbridge.families import MODULE, Family, canonical_task, family_of
 
-from .config import TextModelConfig
-from .decoding import attach_fast_generate, fast_generate_applies
-from .loading import default_task, load_model, private_copy, task_of
+from . import saved
+from .config import TextModelConfig, TextModelType
+from .decoding import left_padded_prompts, verify_generation, warm_up_generate
+from .loading import calibration_tokenizer, default_task, load_model, private_copy, task_of
 from .plan import Plan, make_plan
-from .report import OptimizationReport, count_sdpa_calls
+from .report import OptimizationReport, count_sdpa_calls, plan_info
+from .steps import STEPS
+from .verify import (
+    VerificationError,
+    VerifyResult,
+    compare_causal,
+    compare_encoder,
+    padded_batch,
+    run_both,
+    text_batch,
+    token_id_range,
+)
 
 log = logging.getLogger("torchbridge")
-
-Step = Callable[[nn.Module, Plan, OptimizationReport], nn.Module]
 
 
 class CompileError(RuntimeError):
     """torch.compile was explicitly requested and failed."""
-
-
-def _set_attention(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn.Module:
-    if not hasattr(model, "set_attn_implementation"):
-        report.step("attention", False, "not a transformers model: attention left as is")
-        return model
-    model.set_attn_implementation(plan.attention)
-    report.step("attention", plan.attention == "sdpa",
-                f"attn_implementation={plan.attention!r}")
-    return model
-
-
-def _cast(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn.Module:
-    model = cast_model(model, plan.dtype, fp32_norms=plan.amp)
-    report.step("precision", plan.dtype != torch.float32, plan.dtype_reason)
-    return model
-
-
-def _quantize(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn.Module:
-    if plan.quantization is None:
-        report.step("quantization", False, "none requested")
-        return model
-    if plan.quantization == "int8-dynamic":
-        from torchbridge.precisions.int8_dynamic import quantize_dynamic_int8
-
-        model = quantize_dynamic_int8(model)
-        detail = "int8-dynamic: int8 weights (per channel) and activations (per token), int8 GEMMs"
-    else:
-        from torchbridge.precisions.int8_weight_only import quantize_weights_int8
-
-        model = quantize_weights_int8(model)
-        detail = "int8-weight-only: int8 weights (per channel), LM head included; float compute"
-    report.step("quantization", True, detail)
-    return model
-
-
-def _to_device(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn.Module:
-    model = model.to(plan.device.torch_device)
-    report.step("device", True, str(plan.device.torch_device))
-    return model
-
-
-def _autocast(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn.Module:
-    if not plan.amp:
-        report.step("autocast", False, "use_amp off, or fp32 compute (nothing to autocast to)")
-        return model
-    report.step("autocast", True, f"forward under torch.autocast({plan.device.type}, {plan.dtype}),"
-                " LayerNorms in fp32")
-    return wrap_autocast(model, plan.device.type, plan.dtype)
-
-
-def _gradient_checkpointing(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn.Module:
-    if not plan.gradient_checkpointing:
-        report.step("gradient_checkpointing", False, "off")
-    elif not getattr(model, "supports_gradient_checkpointing", False):
-        report.step("gradient_checkpointing", False, "the architecture does not support it")
-    else:
-        # transformers 5 renamed it; the old name still works but warns
-        (getattr(model, "activation_checkpointing_enable", None)
-         or model.gradient_checkpointing_enable)()
-        report.step("gradient_checkpointing", True,
-                    "on: affects training only (inference keeps no activations to recompute)")
-    return model
-
-
-def _compile(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn.Module:
-    if not plan.compile:
-        report.step("torch.compile", False, "use_torch_compile=False")
-        return model
-    if report.task == "causal-lm" and fast_generate_applies(model):
-        # ~30 s of compile for GPT-2 on a CPU that generate would never use: the fast generation
-        # path compiles its own fixed-shape decode step (see decoding.py)
-        report.step("torch.compile", False, "forward left eager: generate compiles its own "
-                    "decode step")
-        return model
-    kwargs = plan.compile_kwargs()
-    # The forward is compiled, not the module: the model keeps its class (pipelines,
-    # save_pretrained) and the padding trimmer can stay outside the graph.
-    model.forward = torch.compile(model.forward, **kwargs)
-    report.step("torch.compile", True, f"{plan.compile_mode}: {kwargs}")
-    return model
-
-
-def _trim_padding(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn.Module:
-    task, family = report.task, family_for(report.model_type)
-    if not plan.trim_padding:
-        report.step("trim_padding", False, "trim_padding=False")
-    elif task not in PER_TOKEN_FIELDS or family is None or family.decoder:
-        report.step("trim_padding", False, f"only for encoder tasks ({report.model_type}, {task})")
-    else:
-        model = wrap_trim_padding(model, task)
-        report.step("trim_padding", True, "right-padded batches run in groups of similar length, "
-                    "each trimmed to its longest row")
-    return model
-
-
-# The apply step list, in order. Casting before the device move moves fewer bytes.
-STEPS: list[Step] = [_set_attention, _cast, _quantize, _to_device, _autocast,
-                     _gradient_checkpointing, _compile, _trim_padding]
 
 
 def _forward_chain(model: nn.Module):
@@ -156,8 +67,20 @@ def _graphs_compiled() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+def _as_kwargs(example_inputs: Any) -> tuple[tuple, dict]:
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    return (example_inputs,), {}
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    return value.to(device) if torch.is_tensor(value) else value
+
+
 class TextModelOptimizer:
-    """Optimizes a Hugging Face text model for the configured device and mode."""
+    """Optimizes a Hugging Face text model (or any ``nn.Module``) for the configured device and mode."""
 
     def __init__(self, config: TextModelConfig | None = None) -> None:
         self.config = config or TextModelConfig()
@@ -166,6 +89,7 @@ class TextModelOptimizer:
 
     @property
     def plan(self) -> Plan:
+        """The resolved plan: the model-independent one before optimize(), the model's after."""
         if self._plan is None:
             self._plan = make_plan(self.config)
         return self._plan
@@ -179,71 +103,94 @@ class TextModelOptimizer:
         return self.plan.dtype
 
     def get_optimization_info(self) -> dict[str, Any]:
-        """What the last optimize() applied, read back from the model, with the full report."""
+        """Before optimize(): the plan (device, dtype, backend, mode, compile, attention and why).
+        After: the full report, read back from the optimized model."""
         if self.report is None:
-            raise RuntimeError("get_optimization_info() reports on a model: call optimize() first")
+            return plan_info(self.plan)
         return self.report.info()
 
-    def optimize(self, model_name_or_model: str | nn.Module, task: str | None = None, *,
-                 inplace: bool = False, **from_pretrained_kwargs: Any) -> nn.Module:
-        """Return an optimized model: a copy of a given module unless ``inplace=True``."""
+    # --- the path ---------------------------------------------------------------------------
+
+    def optimize(self, model_name_or_model: str | nn.Module | None = None, task: str | None = None,
+                 *, example_inputs: Any = None, inplace: bool = False,
+                 **from_pretrained_kwargs: Any) -> nn.Module:
+        """Return an optimized model: a copy of a given module unless ``inplace=True``.
+
+        ``model_name_or_model``: a hub name (local HF cache), a folder (incl. one written by
+        ``torchbridge optimize``), or a loaded module; None uses ``config.model_name``.
+        ``example_inputs`` (a dict of keyword arguments, a tuple of positional ones or a tensor):
+        what verify and warm-up feed a module the library cannot build inputs for.
+        """
         t0 = time.perf_counter()
-        config, notes = self.config, []
-        if not isinstance(model_name_or_model, nn.Module) and is_saved(model_name_or_model):
-            # a folder written by `torchbridge optimize`: its plan, weights verified at save time
-            config = saved_config(model_name_or_model, self.config)
-            notes.append(f"loaded from a `torchbridge optimize` folder: its saved plan applies to "
-                         f"the fields not set explicitly; verify={config.verify}")
-        random_weights = config.random_weights and not isinstance(model_name_or_model, nn.Module) \
-            and not notes
+        config = self.config
+        if model_name_or_model is None:
+            model_name_or_model = config.model_name
+        record = None
+        if not isinstance(model_name_or_model, nn.Module) and saved.is_saved(model_name_or_model):
+            record = saved.read_record(model_name_or_model)
+            task = task or record["task"]
         source, name, task = self._load(model_name_or_model, task, inplace, from_pretrained_kwargs,
-                                        random_weights)
+                                        random_weights=config.random_weights and record is None)
+        family = family_of(source, task)
+        if family is MODULE:
+            task = "module"
+        self._check_model_type(source, family)
         load_s = time.perf_counter() - t0
 
         model_config = getattr(source, "config", None)
-        model_type = getattr(model_config, "model_type", "custom")
-        family = family_for(model_type)
-        self._plan = make_plan(
-            config,
-            model_max_positions=getattr(model_config, "max_position_embeddings", None)
+        plan = make_plan(
+            config, model_max_positions=getattr(model_config, "max_position_embeddings", None)
             or getattr(model_config, "n_positions", None),
-            supports_sdpa=bool(getattr(source, "_supports_sdpa", False)),
+            supports_sdpa=bool(getattr(source, "_supports_sdpa", False)), kind=family.verify,
+            saved=None if record is None else record["plan"],
         )
-        plan = self._plan
-        if plan.attention_explicit and config.enable_memory_efficient_attention \
+        if plan.attention_explicit and config.setting("enable_memory_efficient_attention") \
                 and plan.attention != "sdpa":
             raise ValueError(f"enable_memory_efficient_attention=True was requested but "
                              f"{type(source).__name__} has no SDPA attention in transformers; "
                              "fix: leave the field unset (auto) or set it to False")
-        report = OptimizationReport(name, task, model_type, random_weights, plan)
-        report.notes.extend([*notes, *plan.notes])
-        if family is None:
-            report.notes.append(f"model_type {model_type!r} is not a known family "
-                                "(bert, distilbert, roberta, albert, gpt2, llama): only the generic "
-                                "steps ran")
+        report = OptimizationReport(name, task, family.model_type if family is MODULE else
+                                    getattr(model_config, "model_type", "custom"),
+                                    config.random_weights and record is None, plan)
+        report.notes.extend(plan.notes)
+        if record is not None:
+            report.notes.append(f"loaded from a `torchbridge optimize` folder: its saved plan; "
+                                f"verify at save time: {saved.verify_line(record)}")
+            report.float_layers = list(record["float_layers"])
+            if plan.compile:
+                report.notes.append(saved.load_compile_cache(model_name_or_model, record))
+        if family.model_type == "unknown":
+            report.notes.append(f"model_type {report.model_type!r} is not a known family: only the "
+                                "generic steps ran")
         report.timings["load_s"] = load_s
 
-        reference = None
-        if plan.verify:
-            reference = private_copy(source)
-            if hasattr(reference, "set_attn_implementation"):
-                reference.set_attn_implementation("eager")
-        model = self._apply(source, plan, report, reference, task)
-        if plan.dtype_auto and report.verify is not None and not report.verify.passed:
-            fallback = plan.with_dtype(torch.float32, f"float32: fallback, the auto choice "
-                                       f"{plan.dtype} failed verify ({report.verify.summary()})")
-            log.warning("torchbridge: %s", fallback.dtype_reason)
-            report.notes.append(fallback.dtype_reason)
-            report.plan, report.steps = fallback, []
-            self._plan = fallback
-            model = self._apply(private_copy(reference), fallback, report, reference, task)
-        if report.verify is not None and not report.verify.passed:
-            raise VerificationError(f"{name}: the optimized model differs from the fp32 eager "
-                                    f"model: {report.verify.summary()}; {report.verify.failures}")
-        if task == "causal-lm":
-            attach_fast_generate(model, report.plan, report, reference)
+        batch, text = self._gate_batch(source, family, plan, name, example_inputs)
+        reference = self._reference(source, family, plan, report, batch)
+        if reference is not None and plan.select_precision:
+            from .selection import select_precision
+
+            plan = select_precision(self, source, reference, family, plan, report, batch, text)
+        elif reference is not None and plan.quantization == "int8-dynamic" and family.verify == "encoder":
+            self._accuracy_control(reference, plan, report, batch, text)
+        model = self.apply(source, plan, report, family, batch)
+        if reference is not None:
+            report.verify = self.verify(model, reference, plan, family, batch, text, report)
+            if not report.verify.passed and plan.dtype_auto:
+                fallback = plan.with_precision(
+                    torch.float32, plan.quantization,
+                    f"float32: fallback, the auto choice {plan.dtype} failed verify "
+                    f"({report.verify.summary()})", config.verify_tolerance)
+                log.warning("torchbridge: %s", fallback.dtype_reason)
+                report.notes.append(fallback.dtype_reason)
+                report.plan, report.steps, plan = fallback, [], fallback
+                model = self.apply(private_copy(reference), plan, report, family, batch)
+                report.verify = self.verify(model, reference, plan, family, batch, text, report)
+            if not report.verify.passed:
+                raise VerificationError(f"{name}: the optimized model differs from the fp32 eager "
+                                        f"model: {report.verify.summary()}; {report.verify.failures}")
         del reference
-        self._warm_up(model, report)
+        self._plan = plan
+        self._warm_up(model, family, report, example_inputs)
         report.read_back(model)
         report.timings["total_s"] = time.perf_counter() - t0
         self.report = report
@@ -251,8 +198,16 @@ class TextModelOptimizer:
             log.info(line)
         return model
 
-    @staticmethod
-    def _load(model_name_or_model: str | nn.Module, task: str | None, inplace: bool,
+    def save_pretrained(self, model: nn.Module, output_dir: str, *, source: str) -> dict[str, Any]:
+        """Write the optimized model, its tokenizer and its plan to ``output_dir`` (see saved.py)."""
+        if self.report is None:
+            raise RuntimeError("save_pretrained() saves an optimized model: call optimize() first")
+        return saved.write(model, self.report, output_dir, source=source,
+                           random_weights=self.config.random_weights)
+
+    # --- stages -------------------------------------------------------------------------------
+
+    def _load(self, model_name_or_model: str | nn.Module, task: str | None, inplace: bool,
               kwargs: dict[str, Any], random_weights: bool) -> tuple[nn.Module, str, str]:
         """The fp32 model to optimize (a private copy of a given module), its name and task."""
         if isinstance(model_name_or_model, nn.Module):
@@ -266,49 +221,140 @@ class TextModelOptimizer:
             name = str(model_name_or_model)
             task = canonical_task(task) if task else default_task(name)
             source = load_model(name, task, random_weights=random_weights, **kwargs)
-        return source.float().eval(), name, task
+        source = source.float().eval()
+        source.requires_grad_(False)  # inference: no autograd bookkeeping on the weights
+        return source, name, task
 
-    def _apply(self, model: nn.Module, plan: Plan, report: OptimizationReport,
-               reference: nn.Module | None, task: str) -> nn.Module:
-        batch = padded_batch(model.config, 4, min(32, plan.max_sequence_length)) \
-            if hasattr(model, "config") else None
+    def _check_model_type(self, source: nn.Module, family: Family) -> None:
+        wanted = self.config.model_type
+        actual = getattr(getattr(source, "config", None), "model_type", None)
+        if wanted in (None, TextModelType.CUSTOM) or actual is None:
+            return
+        if wanted.value != actual:
+            raise ValueError(f"TextModelConfig(model_type={wanted.value!r}) but the loaded model is "
+                             f"{actual!r}. Fix: model_type={actual!r}, or 'custom' to skip this check")
+
+    def _gate_batch(self, source: nn.Module, family: Family, plan: Plan, name: str,
+                    example_inputs: Any) -> tuple[Any, str]:
+        """The inputs every gate and first call use: the caller's example inputs, real text
+        through the model's tokenizer, or ids from its vocabulary (the report says which)."""
+        if example_inputs is not None:
+            return example_inputs, "the caller's example inputs"
+        if family is MODULE:
+            return None, ""
+        tokenizer = calibration_tokenizer(name, source)
+        if tokenizer is not None:
+            return text_batch(tokenizer, min(64, plan.max_sequence_length)), "real text"
+        return padded_batch(source.config, 4, min(32, plan.max_sequence_length)), "vocabulary ids"
+
+    def _reference(self, source: nn.Module, family: Family, plan: Plan, report: OptimizationReport,
+                   batch: Any) -> nn.Module | None:
+        if not plan.verify:
+            report.notes.append("verify off" + (" (a saved folder: verified when it was written)"
+                                                if self.config.verify is None else ""))
+            return None
+        if batch is None:
+            if self.config.verify is True:
+                raise ValueError(f"verify=True was requested but the library cannot build inputs for "
+                                 f"a {type(source).__name__}. Fix: pass example_inputs= to optimize() "
+                                 "(a dict of keyword arguments, a tuple or a tensor), or verify=False")
+            report.notes.append(f"verify and warm-up skipped: {type(source).__name__} is not a "
+                                "transformers model and no example_inputs= were given")
+            return None
+        reference = private_copy(source)
+        if hasattr(reference, "set_attn_implementation"):
+            reference.set_attn_implementation("eager")
+        return reference
+
+    def apply(self, model: nn.Module, plan: Plan, report: OptimizationReport, family: Family,
+              batch: Any) -> nn.Module:
+        """Run the family's steps in order; the first call (which compiles) right after compile."""
         apply_s = 0.0
-        for step in STEPS:
+        for name in family.steps:
             t0 = time.perf_counter()
-            if step is _compile and batch is not None:
+            if name == "compile" and hasattr(model, "config") and family is not MODULE:
                 # proof of fused attention, counted on the eager forward before it is compiled
                 probe = padded_batch(model.config, 2, 8, device=plan.device.torch_device)
                 report.efficient_attention = count_sdpa_calls(model, probe) > 0
-            model = step(model, plan, report)
+            model = STEPS[name](model, plan, report)
             apply_s += time.perf_counter() - t0
-            if step is _compile and batch is not None:
+            if name == "compile" and batch is not None:
                 self._first_call(model, plan, report, batch)  # compiles (lazily) or fails here
+        if "compile" not in family.steps and hasattr(model, "config"):
+            probe = padded_batch(model.config, 2, 8, device=plan.device.torch_device)
+            report.efficient_attention = count_sdpa_calls(model, probe) > 0
         report.timings["apply_s"] = apply_s
-
-        if reference is not None:
-            t0 = time.perf_counter()
-            report.verify = verify_model(
-                model, reference, batch, device=plan.device.torch_device,
-                tolerance=plan.tolerance, classification=task in (
-                    "sequence-classification", "token-classification", "masked-lm", "causal-lm"),
-            )
-            report.timings["verify_s"] = time.perf_counter() - t0
         return model
 
+    def verify(self, model: nn.Module, reference: nn.Module, plan: Plan, family: Family, batch: Any,
+               text: str, report: OptimizationReport) -> VerifyResult:
+        """The family's gate on ``batch``: the optimized model against the fp32 eager reference."""
+        t0 = time.perf_counter()
+        device = plan.device.torch_device
+        if family.verify == "module":
+            args, kwargs = _as_kwargs(batch)
+            with torch.no_grad():
+                ref = reference(*args, **kwargs)
+                opt = model(*[_to(a, device) for a in args], **{k: _to(v, device) for k, v in kwargs.items()})
+            first = ref if torch.is_tensor(ref) else next(v for v in _values(ref) if torch.is_tensor(v))
+            mask = torch.ones(first.shape[0], 1, dtype=torch.long)
+            result = compare_encoder(_flat(ref), _flat(opt), mask, plan.gate, text=text)
+        else:
+            ref_out, opt_out = run_both(model, reference, batch, device)
+            if family.verify == "causal-lm" and report.task == "causal-lm":
+                result = compare_causal(ref_out.logits, opt_out.logits, batch["attention_mask"],
+                                        plan.gate, text=text)
+                summary, failures = verify_generation(model, reference, plan, left_padded_prompts(batch))
+                report.generation = {"verify": summary}
+                result.failures += failures
+                result.passed = not result.failures
+            else:
+                result = compare_encoder(ref_out, opt_out, batch["attention_mask"], plan.gate, text=text)
+        report.timings["verify_s"] = report.timings.get("verify_s", 0.0) + time.perf_counter() - t0
+        return result
+
+    def _accuracy_control(self, reference: nn.Module, plan: Plan, report: OptimizationReport,
+                          batch: dict[str, torch.Tensor], text: str) -> None:
+        """int8-dynamic: find the fewest layers to keep in float so the gate passes; the quantize
+        step then skips them. Raises Int8AccuracyError when even half of them in float fail."""
+        from torchbridge.precisions.accuracy_control import accuracy_controlled_int8
+        from torchbridge.precisions.casting import cast_model
+
+        device = plan.device.torch_device
+        candidate = cast_model(private_copy(reference), plan.dtype).to(device)
+        with torch.no_grad():
+            ref_out = reference(**batch)
+
+        def gate(model: nn.Module) -> tuple[bool, dict]:
+            with torch.no_grad():
+                out = model(**{k: v.to(device) for k, v in batch.items()})
+            result = compare_encoder(ref_out, out, batch["attention_mask"], plan.gate, text=text)
+            return result.passed, result.measures
+
+        t0 = time.perf_counter()
+        _, record = accuracy_controlled_int8(candidate, gate, sensitivity_inputs=batch)
+        report.float_layers = list(record["layers_float"])
+        report.accuracy_control = {k: record[k] for k in ("layers_int8", "layers_float", "gate")
+                                   if k in record}
+        report.timings["accuracy_control_s"] = time.perf_counter() - t0
+
     @staticmethod
-    def _first_call(model: nn.Module, plan: Plan, report: OptimizationReport,
-                    batch: dict[str, torch.Tensor]) -> None:
+    def _first_call(model: nn.Module, plan: Plan, report: OptimizationReport, batch: Any) -> None:
         graphs_before = _graphs_compiled()
-        inputs = {k: v.to(plan.device.torch_device) for k, v in batch.items()}
-        for tensor in inputs.values():
-            # compile for any batch size and length at once (within max_sequence_length) instead
-            # of one static graph first and a dynamic one at the second shape
-            torch._dynamo.maybe_mark_dynamic(tensor, 0)
-            torch._dynamo.maybe_mark_dynamic(tensor, 1)
+        device = plan.device.torch_device
+        args, kwargs = _as_kwargs(batch)
+        args = tuple(_to(a, device) for a in args)
+        kwargs = {k: _to(v, device) for k, v in kwargs.items()}
+        for tensor in (*args, *kwargs.values()):
+            if torch.is_tensor(tensor) and tensor.dim() >= 2 and report.task != "module":
+                # compile for any batch size and length at once (within max_sequence_length)
+                # instead of one static graph first and a dynamic one at the second shape
+                torch._dynamo.maybe_mark_dynamic(tensor, 0)
+                torch._dynamo.maybe_mark_dynamic(tensor, 1)
         t0 = time.perf_counter()
         try:
             with torch.no_grad():
-                model(**inputs)
+                model(*args, **kwargs)
         except Exception as err:  # noqa: BLE001 - any compiler failure, re-raised or reported
             if not report.steps[-1].applied:  # nothing was compiled: a plain model error
                 raise
@@ -323,25 +369,37 @@ class TextModelOptimizer:
         report.compiled_graphs = _graphs_compiled() - graphs_before
         report.timings["compile_s" if report.compiled else "first_call_s"] = time.perf_counter() - t0
 
-    def _warm_up(self, model: nn.Module, report: OptimizationReport) -> None:
+    def _warm_up(self, model: nn.Module, family: Family, report: OptimizationReport,
+                 example_inputs: Any) -> None:
         plan = report.plan
-        if plan.warmup_steps == 0 or not hasattr(model, "config"):
+        if plan.warmup_steps == 0:
             return
-        batch, seq = plan.warmup_shape
-        low, high = token_id_range(model.config)
-        ids = torch.randint(low, high, (batch, seq), generator=torch.Generator().manual_seed(1))
-        device = plan.device.torch_device
-        inputs = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
+        if family is MODULE and example_inputs is None:
+            return  # the note about skipped verify and warm-up is already in the report
         t0 = time.perf_counter()
         graphs_before = _graphs_compiled()
+        device = plan.device.torch_device
+        if example_inputs is not None:
+            args, kwargs = _as_kwargs(example_inputs)
+            args, kwargs = tuple(_to(a, device) for a in args), {k: _to(v, device) for k, v in kwargs.items()}
+        else:
+            batch, seq = plan.warmup_shape
+            low, high = token_id_range(model.config)
+            ids = torch.randint(low, high, (batch, seq), generator=torch.Generator().manual_seed(1))
+            ids = ids.to(device)
+            args, kwargs = (), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         profiler = _profiler(plan) if plan.profile else None
         with torch.no_grad(), (profiler or contextlib.nullcontext()):
             for _ in range(plan.warmup_steps):
-                model(**inputs)
+                if family.warmup == "generate" and report.task == "causal-lm":
+                    warm_up_generate(model, plan, report)
+                else:
+                    model(*args, **kwargs)
         report.compiled_graphs += _graphs_compiled() - graphs_before
         report.timings["warmup_s"] = time.perf_counter() - t0
         if profiler is not None:
-            sort_key = "self_cuda_time_total" if plan.device.type == "cuda" else "self_cpu_time_total"
+            activity = device_ops(plan.device).profiler_activity
+            sort_key = f"self_{activity.lower()}_time_total" if activity else "self_cpu_time_total"
             events = profiler.key_averages()
             report.profile_table = events.table(sort_by=sort_key, row_limit=20)
             top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:20]
@@ -351,12 +409,28 @@ class TextModelOptimizer:
             ]
 
 
+def _values(output: Any) -> list:
+    if torch.is_tensor(output):
+        return [output]
+    if hasattr(output, "values"):
+        return list(output.values())
+    if isinstance(output, (tuple, list)):
+        return list(output)
+    return [output]
+
+
+def _flat(output: Any) -> dict[str, torch.Tensor]:
+    """A plain module's outputs as named [batch, -1] tensors, for the encoder gate."""
+    tensors = [v for v in _values(output) if torch.is_tensor(v) and v.is_floating_point()]
+    return {f"output{i}": t.reshape(t.shape[0], -1) if t.dim() else t.reshape(1, 1)
+            for i, t in enumerate(tensors)}
+
+
 def _profiler(plan: Plan):
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU]
-    if plan.device.type == "cuda":
-        activities.append(ProfilerActivity.CUDA)
-    elif plan.device.type == "xpu":
-        activities.append(ProfilerActivity.XPU)
+    extra = device_ops(plan.device).profiler_activity
+    if extra:
+        activities.append(getattr(ProfilerActivity, extra))
     return profile(activities=activities, record_shapes=True)

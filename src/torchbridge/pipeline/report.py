@@ -48,6 +48,9 @@ class OptimizationReport:
     profile_table: str | None = None
     profile_top_ops: list[dict[str, Any]] = field(default_factory=list)
     generation: dict[str, Any] | None = None
+    float_layers: list[str] = field(default_factory=list)  # kept out of int8 by the accuracy control
+    accuracy_control: dict[str, Any] | None = None
+    precision_search: list[dict[str, Any]] | None = None  # the candidates measured, when selecting
 
     def step(self, name: str, applied: bool, detail: str) -> None:
         self.steps.append(StepRecord(name, applied, detail))
@@ -81,9 +84,15 @@ class OptimizationReport:
             "fp32_norm_layers": self.fp32_norms,
             "trim_padding": self.trim_padding,
             "quantization": plan.quantization,
+            "precision": plan.precision_name,
+            "gate": vars(plan.gate),
+            "float_layers": list(self.float_layers),
+            "accuracy_control": self.accuracy_control,
+            "precision_search": self.precision_search,
             "optimization_mode": plan.mode.value,
             "torch_compile": self.compiled,
             "compile_mode": plan.compile_mode if self.compiled else None,
+            "compile_reason": plan.compile_reason,
             "compile_options": plan.compile_kwargs() if self.compiled else None,
             "compiled_graphs": self.compiled_graphs,
             "efficient_attention": self.efficient_attention,
@@ -97,6 +106,7 @@ class OptimizationReport:
             "device_info": describe(plan.device),
             "profile_top_ops": list(self.profile_top_ops),
             "generation": self.generation,
+            "optimized": True,
         }
 
     def summary(self) -> str:
@@ -111,10 +121,19 @@ class OptimizationReport:
         lines.append(f"  precision: {self.weight_dtype} ({plan.dtype_reason})"
                      + (f", autocast {self.amp_dtype}" if self.amp_dtype else "")
                      + (f", quantization {plan.quantization}" if plan.quantization else ""))
-        lines.append(f"  attention: {self.attention_implementation}"
-                     f" ({'sdpa kernels in use' if self.efficient_attention else 'no sdpa kernels'})")
+        if self.task != "module":
+            lines.append(f"  attention: {self.attention_implementation}"
+                         f" ({'sdpa kernels in use' if self.efficient_attention else 'no sdpa kernels'})")
         lines.append(f"  torch.compile: {'yes, ' + plan.compile_mode if self.compiled else 'no'}"
-                     + (f" ({self.compiled_graphs} graph(s))" if self.compiled else ""))
+                     + (f" ({self.compiled_graphs} graph(s))" if self.compiled else "")
+                     + f" - {plan.compile_reason}")
+        if self.precision_search:
+            lines.append("  precision measured (" + (plan.select_precision or "") + "): " + "; ".join(
+                f"{c['precision']} {c.get('median_ms', float('nan')):.1f} ms "
+                f"{'pass' if c['passed'] else 'fail'}" for c in self.precision_search))
+        if self.float_layers:
+            lines.append(f"  kept in {self.weight_dtype} by the accuracy control: "
+                         f"{', '.join(self.float_layers)}")
         for s in self.steps:
             lines.append(f"  [{'x' if s.applied else ' '}] {s.name}: {s.detail}")
         if self.verify is not None:
@@ -124,6 +143,33 @@ class OptimizationReport:
         for note in self.notes:
             lines.append(f"  note: {note}")
         return "\n".join(lines)
+
+
+def plan_info(plan: Plan) -> dict[str, Any]:
+    """get_optimization_info() before optimize(): what the plan will do, and why."""
+    return {
+        "device": str(plan.device.torch_device),
+        "backend": plan.device.backend,
+        "dtype": str(plan.dtype).replace("torch.", ""),
+        "dtype_reason": plan.dtype_reason,
+        "quantization": plan.quantization,
+        "precision": plan.precision_name,
+        "gate": vars(plan.gate),
+        "optimization_mode": plan.mode.value,
+        "torch_compile": plan.compile,
+        "compile_mode": plan.compile_mode if plan.compile else None,
+        "compile_reason": plan.compile_reason,
+        "efficient_attention": plan.attention == "sdpa",
+        "attention_implementation": plan.attention,
+        "amp": plan.amp,
+        "gradient_checkpointing": plan.gradient_checkpointing,
+        "select_precision": plan.select_precision,
+        "warmup": {"steps": plan.warmup_steps, "shape": list(plan.warmup_shape)},
+        "verify": plan.verify,
+        "notes": list(plan.notes),
+        "device_info": describe(plan.device),
+        "optimized": False,
+    }
 
 
 def count_sdpa_calls(model: nn.Module, inputs: dict[str, torch.Tensor]) -> int:

@@ -1,22 +1,22 @@
-"""``torchbridge optimize MODEL --output DIR``: optimize once, save what makes the next load fast.
+"""The folder written by ``torchbridge optimize MODEL --output DIR``, and how it is read back.
 
 What DIR holds:
 
 * ``model.safetensors`` + ``config.json``: the weights already converted to the plan's precision
   (bf16 linear weights, LayerNorms kept fp32 when the plan says so), written by save_pretrained;
+  with a weight format (int8, fp8) the float weights of the plan's dtype are saved and the format
+  is applied again at load (well under a second for these models), because packed int8 buffers
+  are not transformers checkpoints;
 * the tokenizer files, when the source has a tokenizer;
-* ``torchbridge.json``: the resolved plan (dtype, attention, compile mode, quantization), the
-  verify result obtained against the fp32 eager model at save time, and the library versions;
+* ``torchbridge.json``: the resolved plan itself (``Plan.to_dict``: every field, so nothing the user
+  asked for is lost on the way back), the float layers the int8 accuracy control kept, the verify
+  result obtained against the fp32 eager model at save time, and the library versions;
 * ``compile_cache.bin`` (when torch.compile ran): torch's portable compile-cache artifacts
   (``torch.compiler.save_cache_artifacts``); they only help on the same torch version and device.
 
-What it does not hold: compiled code itself (inductor output is specific to the torch version,
-the device and the input shapes, and is rebuilt on the first call), and int8 packed weights
-(torch's dynamic-quant packed parameters are not safetensors: the plan-precision weights are saved
-and quantization is re-applied at load, which takes well under a second for these models).
-
-:func:`load_optimized` rebuilds the model from DIR with the saved plan and skips what was done:
-no fp32 reference copy, no verify pass (the weights in DIR are the verified ones).
+Loading DIR (``optimize(DIR)``) reads this in the load stage: the saved plan applies as it is
+(device detected again; compile, warm-up steps and profiling may be changed at load), no fp32
+reference copy and no verify pass unless ``verify=True`` is asked.
 """
 
 from __future__ import annotations
@@ -27,133 +27,91 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 PLAN_FILE = "torchbridge.json"
 CACHE_FILE = "compile_cache.bin"
-
-
-def _dtype_name(dtype: Any) -> str:
-    return str(dtype).replace("torch.", "")
-
-
-def save_optimized(model_name: str, out: Path, config: Any, *, task: str | None = None
-                   ) -> dict[str, Any]:
-    """Optimize ``model_name`` with ``config`` and write DIR; returns a summary with timings."""
-    import torchbridge
-    from torchbridge.models.text import TextModelOptimizer
-    from torchbridge.pipeline.loading import load_model, load_tokenizer
-
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not (out / PLAN_FILE).exists():
-        raise ValueError(f"--output {out} exists and is not a torchbridge folder; choose an "
-                         "empty or new folder")
-    t0 = time.perf_counter()
-    opt = TextModelOptimizer(config)
-    model = opt.optimize(model_name, task=task)
-    optimize_s = time.perf_counter() - t0
-    info = opt.get_optimization_info()
-    plan = opt.plan
-
-    out.mkdir(parents=True, exist_ok=True)
-    if plan.quantization:
-        # packed int8 parameters are not serializable as safetensors: save the plan-precision
-        # weights (a fresh load cast like the plan) and quantize again at load
-        source = load_model(model_name, info["task"], random_weights=config.random_weights)
-        source.save_pretrained(out)
-    else:
-        model.save_pretrained(out)
-    try:
-        load_tokenizer(model_name).save_pretrained(out)
-        tokenizer = True
-    except OSError:
-        tokenizer = False
-
-    cache = None
-    if info.get("torch_compile"):
-        try:
-            artifacts = torch.compiler.save_cache_artifacts()
-        except Exception:  # noqa: BLE001 - the cache is an optimisation, never a requirement
-            artifacts = None
-        if artifacts:
-            (out / CACHE_FILE).write_bytes(artifacts[0])
-            cache = CACHE_FILE
-    record = {
-        "format": 1,
-        "source": model_name,
-        "task": info["task"],
-        "plan": {
-            "optimization_mode": plan.mode.value,
-            "dtype": _dtype_name(plan.dtype),
-            "use_amp": plan.amp,
-            "attention": plan.attention,
-            "use_torch_compile": plan.compile,
-            "compile_mode": plan.compile_mode,
-            "quantization": plan.quantization,
-            "warmup_steps": plan.warmup_steps,
-        },
-        "verify_at_save": info.get("verify"),
-        "random_weights": info.get("random_weights"),
-        "tokenizer": tokenizer,
-        "compile_cache": cache,
-        "saved_with": {"torchbridge": torchbridge.__version__, "torch": torch.__version__},
-        "device_at_save": info.get("device"),
-        "optimize_s": optimize_s,
-    }
-    (out / PLAN_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
-    files = sorted(p.name for p in out.iterdir())
-    return {"output": str(out), "files": files, "optimize_s": round(optimize_s, 3),
-            "plan": record["plan"], "verify_at_save": _verify_line(info.get("verify"))}
-
-
-def _verify_line(verify: dict | None) -> str | None:
-    if not verify:
-        return None
-    return (f"{'passed' if verify['passed'] else 'FAILED'}: max abs diff "
-            f"{verify['max_abs_diff']:.3e}, argmax agreement {verify['argmax_agreement']}")
+FORMAT = 2
 
 
 def is_saved(path: str | Path) -> bool:
     return (Path(path) / PLAN_FILE).is_file()
 
 
-def saved_config(path: str | Path, user: Any) -> Any:
-    """The TextModelConfig for loading DIR: the saved plan for every field the user did not set
-    explicitly, and no verify pass unless asked (DIR holds the weights verified at save time)."""
+def read_record(path: str | Path) -> dict[str, Any]:
     record = json.loads((Path(path) / PLAN_FILE).read_text())
-    plan = record["plan"]
-    saved = {
-        "optimization_mode": plan["optimization_mode"],
-        "dtype": getattr(torch, plan["dtype"]),
-        "use_amp": plan["use_amp"],
-        "enable_memory_efficient_attention": plan["attention"] == "sdpa",
-        "use_torch_compile": plan["use_torch_compile"],
-        "compile_mode": plan["compile_mode"],
-        "quantization": plan["quantization"],
-        "warmup_steps": plan["warmup_steps"],
-        "verify": False,
+    if record.get("format") != FORMAT:
+        raise ValueError(f"{path} was written by another torchbridge version (format "
+                         f"{record.get('format')}, this one reads {FORMAT}). Fix: run "
+                         "`torchbridge optimize` again with this version")
+    return record
+
+
+def load_compile_cache(path: str | Path, record: dict[str, Any]) -> str:
+    """Load the saved compile cache into torch; returns what happened, for the report."""
+    cache = Path(path) / CACHE_FILE
+    if not record.get("compile_cache") or not cache.is_file():
+        return "no compile cache saved: the first call compiles"
+    try:
+        torch.compiler.load_cache_artifacts(cache.read_bytes())
+    except (RuntimeError, ValueError, OSError) as err:  # a stale cache costs only the compile
+        return f"compile cache not usable here ({type(err).__name__}: {err}); the first call compiles"
+    return "compile cache loaded (same torch and device as at save time)"
+
+
+def verify_line(record: dict[str, Any]) -> str:
+    verify = record.get("verify_at_save")
+    if not verify:
+        return "not verified at save time"
+    values = ", ".join(f"{k} {v:.5g}" for k, v in verify["measures"].items() if v is not None)
+    return f"{'passed' if verify['passed'] else 'FAILED'} ({values})"
+
+
+def write(model: nn.Module, report: Any, out: str | Path, *, source: str,
+          random_weights: bool) -> dict[str, Any]:
+    """Write DIR for a model optimized from ``source`` (its report carries the plan)."""
+    import torchbridge
+    from torchbridge.pipeline.loading import ModelNotAvailableError, load_model, load_tokenizer
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not (out / PLAN_FILE).exists():
+        raise ValueError(f"--output {out} exists and is not a torchbridge folder; choose an "
+                         "empty or new folder")
+    plan = report.plan
+    out.mkdir(parents=True, exist_ok=True)
+    if plan.quantization:
+        # packed int8/fp8 buffers are not a transformers checkpoint: save the float weights
+        source_model = load_model(source, report.task, random_weights=random_weights)
+        source_model.to(plan.dtype).save_pretrained(out)
+    else:
+        model.save_pretrained(out)
+    try:
+        load_tokenizer(source).save_pretrained(out)
+        tokenizer = True
+    except ModelNotAvailableError:
+        tokenizer = False
+
+    cache = None
+    if report.compiled:
+        artifacts = torch.compiler.save_cache_artifacts()
+        if artifacts:
+            (out / CACHE_FILE).write_bytes(artifacts[0])
+            cache = CACHE_FILE
+    plan_dict = plan.to_dict()
+    record = {
+        "format": FORMAT,
+        "source": source,
+        "task": report.task,
+        "plan": plan_dict,
+        "float_layers": list(report.float_layers),
+        "verify_at_save": None if report.verify is None else report.verify.to_dict(),
+        "random_weights": random_weights,
+        "tokenizer": tokenizer,
+        "compile_cache": cache,
+        "saved_with": {"torchbridge": torchbridge.__version__, "torch": torch.__version__},
     }
-    fields = {k: v for k, v in saved.items() if not user.is_explicit(k)}
-    if fields.get("use_torch_compile", user.use_torch_compile) and record.get("compile_cache") \
-            and (Path(path) / CACHE_FILE).is_file():
-        try:
-            torch.compiler.load_cache_artifacts((Path(path) / CACHE_FILE).read_bytes())
-        except Exception:  # noqa: BLE001 - a stale cache only costs the compile it would save
-            pass
-    return user.replace(**fields) if fields else user
-
-
-def load_optimized(path: str | Path, *, device: str = "auto", use_torch_compile: bool | None = None
-                   ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Load a folder written by :func:`save_optimized`: the saved plan, no verify pass."""
-    from torchbridge.models.text import TextModelConfig, TextModelOptimizer
-
-    path = Path(path)
-    if not is_saved(path):
-        raise ValueError(f"{path} has no {PLAN_FILE}: not written by `torchbridge optimize`")
-    fields: dict[str, Any] = {"device": device}
-    if use_torch_compile is not None:
-        fields["use_torch_compile"] = use_torch_compile
-    opt = TextModelOptimizer(TextModelConfig(**fields))
-    model = opt.optimize(path)
-    record = json.loads((path / PLAN_FILE).read_text())
-    return model, {"record": record, "optimization_info": opt.get_optimization_info()}
+    (out / PLAN_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return {"output": str(out), "files": sorted(p.name for p in out.iterdir()),
+            "save_s": round(time.perf_counter() - t0, 3), "plan": plan_dict,
+            "verify_at_save": verify_line(record)}

@@ -1,0 +1,168 @@
+"""The precision registry: every precision and weight format the library offers, in one table.
+
+A request has two parts. ``dtype`` is the float precision the model computes in (fp32, fp16,
+bf16; ``None`` = the fastest the device computes natively). ``quantization`` names a weight format
+applied on top of it: ``"int8-dynamic"`` (int8 weights and per-token int8 activations, int8
+GEMMs: compute-bound encoders), ``"int8-weight-only"`` (int8 weights, float compute: bandwidth-bound
+decoding), ``"fp8-weight-only"`` (fp8 storage, bf16 compute; the guide's ``dtype=torch.float8_e4m3fn``
+means this). Each entry says how it is applied, the gate its output must pass against the fp32
+eager model, its bytes per parameter (the memory table reads them) and where it runs. Adding a
+precision is one entry here plus, for a new weight format, its module in this package.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from torchbridge.backends import DeviceInfo, supports_bf16, supports_fp8, supports_fp16
+
+
+class PrecisionNotSupportedError(RuntimeError):
+    """An explicitly requested precision that this device cannot compute."""
+
+
+@dataclass(frozen=True)
+class Gate:
+    """What an optimized model must keep of the fp32 eager model's outputs (see pipeline/verify.py).
+
+    Encoders: ``min_cosine`` of every output vector at real positions (hidden states, logits) and
+    ``min_agreement`` of the argmax where the reference's top-2 margin is decisive. Causal LMs:
+    ``min_agreement`` of the teacher-forced next token on decisive positions and ``max_kl``, the mean
+    KL divergence (nats) of the next-token distributions. Calibrated on real all-MiniLM-L6-v2 and
+    SmolLM2-135M (benchmarks/calibrate_gates.py; docs/precisions.md has the measured values).
+    """
+
+    min_cosine: float
+    min_agreement: float
+    max_kl: float
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str
+    dtype: torch.dtype | None  # the float dtype it casts to; None for weight formats (they keep the plan's)
+    bytes_per_param: float
+    gate: Gate
+    describe: str
+    unsupported: Callable[[DeviceInfo], str | None]  # why it cannot run here, or None
+    quantize: Callable[[nn.Module, tuple[str, ...]], nn.Module] | None = None  # weight formats
+    emulated: Callable[[DeviceInfo], str | None] = lambda info: None  # runs, but slowly: a note
+
+    @property
+    def is_weight_format(self) -> bool:
+        return self.quantize is not None
+
+
+def _always(info: DeviceInfo) -> None:
+    return None
+
+
+def _bf16_emulated(info: DeviceInfo) -> str | None:
+    if info.type == "cpu" and not supports_bf16(info):
+        return "bf16 is emulated on this CPU (no AVX512_BF16/AMX): expect it slower than fp32"
+    return None
+
+
+def _bf16_unsupported(info: DeviceInfo) -> str | None:
+    if info.type == "cuda" and not supports_bf16(info):
+        return (f"{info.name} (compute capability {info.capability}) has no bf16 tensor cores "
+                "(needs 8.0+); use dtype=torch.float16")
+    return None
+
+
+def _fp16_emulated(info: DeviceInfo) -> str | None:
+    if info.type == "cpu" and not supports_fp16(info):
+        return "fp16 is emulated on this CPU (no AMX-FP16): expect it slower than fp32"
+    return None
+
+
+def _fp8_unsupported(info: DeviceInfo) -> str | None:
+    if supports_fp8(info):
+        return None
+    return (f"{info.name} ({info.backend}) has no fp8 hardware; fp8 needs an NVIDIA GPU of compute "
+            "capability 8.9+ (Ada, Hopper, Blackwell); use quantization='int8-weight-only' for the "
+            "same memory saving here")
+
+
+def _int8_dynamic(model: nn.Module, skip: tuple[str, ...]) -> nn.Module:
+    from .int8_dynamic import quantize_dynamic_int8
+
+    return quantize_dynamic_int8(model, skip=skip)
+
+
+def _int8_weight_only(model: nn.Module, skip: tuple[str, ...]) -> nn.Module:
+    from .int8_weight_only import quantize_weights_int8
+
+    return quantize_weights_int8(model, skip=skip)
+
+
+def _fp8_weight_only(model: nn.Module, skip: tuple[str, ...]) -> nn.Module:
+    from .fp8 import convert_linears_to_fp8
+
+    return convert_linears_to_fp8(model)
+
+
+PRECISIONS: dict[str, Precision] = {p.name: p for p in (
+    Precision("fp32", torch.float32, 4, Gate(0.999999, 1.0, 1e-4), "float32 everywhere",
+              _always),
+    Precision("fp16", torch.float16, 2, Gate(0.999, 0.97, 0.02), "float16 weights and compute",
+              _always, emulated=_fp16_emulated),
+    Precision("bf16", torch.bfloat16, 2, Gate(0.995, 0.95, 0.05), "bfloat16 weights and compute",
+              _bf16_unsupported, emulated=_bf16_emulated),
+    Precision("int8-dynamic", None, 1, Gate(0.98, 0.90, 0.15),
+              "int8 weights (per channel) and activations (per token), int8 GEMMs", _always,
+              quantize=_int8_dynamic),
+    Precision("int8-weight-only", None, 1, Gate(0.99, 0.93, 0.10),
+              "int8 weights (per channel), float compute, LM head included", _always,
+              quantize=_int8_weight_only),
+    Precision("fp8-weight-only", None, 1, Gate(0.99, 0.93, 0.10),
+              "fp8 e4m3 weights (per channel scale), bf16 compute", _fp8_unsupported,
+              quantize=_fp8_weight_only),
+)}
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+WEIGHT_FORMATS = tuple(name for name, p in PRECISIONS.items() if p.is_weight_format)
+# What a command line or a JSON file may write for a dtype ("auto" = the plan decides).
+DTYPE_SPELLINGS: dict[str, torch.dtype | None] = {
+    "auto": None, **{n: d for d, n in DTYPE_NAMES.items()},
+    **{str(d).replace("torch.", ""): d for d in DTYPE_NAMES},
+}
+# The guide's spelling of fp8: a dtype that is really a weight format (compute stays bf16).
+DTYPE_ALIASES = {torch.float8_e4m3fn: ("fp8-weight-only", torch.bfloat16)}
+
+
+def precision(name: str) -> Precision:
+    try:
+        return PRECISIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown precision {name!r}; known: {', '.join(PRECISIONS)}") from None
+
+
+def of_dtype(dtype: torch.dtype) -> Precision:
+    try:
+        return PRECISIONS[DTYPE_NAMES[dtype]]
+    except KeyError:
+        raise ValueError(f"dtype {dtype} is not a compute precision; valid: "
+                         f"{', '.join(map(str, DTYPE_NAMES))} or None (auto)") from None
+
+
+def effective(dtype: torch.dtype, quantization: str | None) -> Precision:
+    """The registry entry whose gate and bytes apply: the weight format if any, else the dtype."""
+    return precision(quantization) if quantization else of_dtype(dtype)
+
+
+def check_supported(name: str, info: DeviceInfo) -> str | None:
+    """Raise for an explicit request the device cannot run; return a note when it runs emulated."""
+    entry = precision(name)
+    why = entry.unsupported(info)
+    if why:
+        raise PrecisionNotSupportedError(f"{name} was requested but {why}.")
+    return entry.emulated(info)
+
+
+def bytes_per_param(name: str) -> float:
+    return precision(name).bytes_per_param

@@ -1,4 +1,4 @@
-"""Precision policy and the steps that apply it: casting, autocast, fp8 weight storage.
+"""Float precisions (fp32, fp16, bf16): the auto choice, casting, autocast mixed precision.
 
 What ``use_amp`` means here (with half-precision compute; fp32 has nothing to autocast to, so the
 step is skipped and the report says why): mixed precision with half-precision weights. The matmul
@@ -17,13 +17,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from torchbridge.backends import DeviceInfo, supports_bf16, supports_fp8, supports_fp16
+from torchbridge.backends import DeviceInfo, supports_bf16, supports_fp16
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
-
-
-class PrecisionNotSupportedError(RuntimeError):
-    """An explicitly requested precision that this device cannot compute."""
 
 
 def auto_dtype(info: DeviceInfo) -> torch.dtype:
@@ -51,27 +47,6 @@ def half_dtype(info: DeviceInfo) -> torch.dtype:
     return torch.float16 if info.type != "cpu" else torch.bfloat16
 
 
-def check_explicit_dtype(info: DeviceInfo, dtype: torch.dtype) -> str | None:
-    """Raise when the device cannot compute an explicitly requested dtype; return a note when it
-    can, but only emulated (slower)."""
-    if dtype == torch.float8_e4m3fn and not supports_fp8(info):
-        raise PrecisionNotSupportedError(
-            f"dtype=torch.float8_e4m3fn was requested but {info.name} ({info.backend}) has no fp8 "
-            "matmul; fp8 needs an NVIDIA GPU of compute capability 8.9+ (Ada, Hopper, Blackwell). "
-            "Fix: use dtype=torch.bfloat16 or dtype=None (auto)."
-        )
-    if dtype == torch.bfloat16 and info.type == "cuda" and not supports_bf16(info):
-        raise PrecisionNotSupportedError(
-            f"dtype=torch.bfloat16 was requested but {info.name} (compute capability "
-            f"{info.capability}) has no bf16 tensor cores (needs 8.0+). Fix: dtype=torch.float16."
-        )
-    if dtype == torch.bfloat16 and info.type == "cpu" and not supports_bf16(info):
-        return "bf16 is emulated on this CPU (no AVX512_BF16/AMX): expect it slower than fp32"
-    if dtype == torch.float16 and info.type == "cpu" and not supports_fp16(info):
-        return "fp16 is emulated on this CPU (no AMX-FP16): expect it slower than fp32"
-    return None
-
-
 class Fp32LayerNorm(nn.LayerNorm):
     """A LayerNorm with fp32 weights and fp32 output inside a half-precision model: under
     autocast, the residual additions around it then happen in fp32 too."""
@@ -82,14 +57,10 @@ class Fp32LayerNorm(nn.LayerNorm):
 
 
 def cast_model(model: nn.Module, dtype: torch.dtype, *, fp32_norms: bool = False) -> nn.Module:
-    """Cast floating-point weights; fp8 is stored as fp8 weights with per-channel scales.
-    With ``fp32_norms`` the LayerNorms stay in fp32 (the mixed-precision half of use_amp)."""
+    """Cast floating-point weights to ``dtype``. With ``fp32_norms`` the LayerNorms stay in fp32
+    (the mixed-precision half of use_amp)."""
     norms = [m for m in model.modules() if type(m) is nn.LayerNorm] if fp32_norms else []
-    if dtype == torch.float8_e4m3fn:
-        model.to(torch.bfloat16)
-        convert_linears_to_fp8(model)
-    else:
-        model.to(dtype)
+    model.to(dtype)
     for norm in norms:
         norm.float()
         norm.__class__ = Fp32LayerNorm
@@ -116,36 +87,6 @@ def wrap_autocast(model: nn.Module, device_type: str, dtype: torch.dtype) -> nn.
 
 def autocast_dtype(model: nn.Module) -> torch.dtype | None:
     return getattr(model.forward, "torchbridge_autocast", None)
-
-
-class Fp8Linear(nn.Module):
-    """Weight-only fp8 (e4m3) linear: fp8 weights with one fp32 scale per output channel,
-    dequantized to bf16 for the matmul. Halves weight memory against bf16; the matmul itself is
-    bf16, so it is a memory saving, not a compute one."""
-
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        weight = linear.weight.detach().float()
-        amax = weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)
-        scale = amax / torch.finfo(torch.float8_e4m3fn).max
-        self.register_buffer("weight_fp8", (weight / scale).to(torch.float8_e4m3fn))
-        self.register_buffer("scale", scale)
-        self.bias = None if linear.bias is None else nn.Parameter(
-            linear.bias.detach().to(torch.bfloat16), requires_grad=False)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = (self.weight_fp8.to(torch.bfloat16) * self.scale.to(torch.bfloat16))
-        return F.linear(x.to(torch.bfloat16), weight, self.bias)
-
-
-def convert_linears_to_fp8(model: nn.Module) -> nn.Module:
-    for name, child in list(model.named_children()):
-        if isinstance(child, nn.Linear):
-            setattr(model, name, Fp8Linear(child))
-        else:
-            convert_linears_to_fp8(child)
-    return model
 
 
 def weight_dtype(model: nn.Module) -> torch.dtype:

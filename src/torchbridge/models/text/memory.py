@@ -8,8 +8,7 @@ import torch
 
 from torchbridge.families import BUILTIN_CONFIGS
 from torchbridge.pipeline.loading import TASK_AUTO_CLASS, load_config
-
-BYTES_PER_PARAM = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
+from torchbridge.precisions import PRECISIONS
 
 
 def count_parameters(config, task: str = "feature-extraction") -> int:
@@ -35,8 +34,8 @@ def estimate_memory(name_or_path: str, task: str = "feature-extraction", *,
     params = count_parameters(config, task)
     row: dict[str, Any] = {"model": name_or_path, "model_type": config.model_type,
                            "parameters": params}
-    for precision, nbytes in BYTES_PER_PARAM.items():
-        row[f"{precision}_mib"] = round(params * nbytes / 2**20, 1)
+    for name, entry in PRECISIONS.items():  # bytes per parameter from the precision registry
+        row[f"{name}_mib"] = round(params * entry.bytes_per_param / 2**20, 1)
     return row
 
 
@@ -46,5 +45,5 @@ def memory_table(names: list[str] | None = None) -> str:
     lines = ["| Model | Parameters | FP32 | FP16/BF16 | INT8 |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['parameters'] / 1e6:.1f}M | {r['fp32_mib']:.0f} MiB | "
-                     f"{r['fp16_mib']:.0f} MiB | {r['int8_mib']:.0f} MiB |")
+                     f"{r['fp16_mib']:.0f} MiB | {r['int8-weight-only_mib']:.0f} MiB |")
     return "\n".join(lines)

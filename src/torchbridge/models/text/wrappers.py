@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from torchbridge.families import canonical_task
-from torchbridge.pipeline.config import OptimizationMode, TextModelConfig, TextModelType
+from torchbridge.pipeline.config import OptimizationMode, TextModelConfig
 from torchbridge.pipeline.optimizer import TextModelOptimizer
 
 _LABEL_TASKS = ("sequence-classification", "token-classification")
@@ -22,7 +22,6 @@ class OptimizedTextModel(nn.Module):
 
     _default_name = "bert-base-uncased"
     _default_task: str | None = None  # None: the optimizer infers it from the checkpoint
-    _model_type = TextModelType.CUSTOM
 
     def __init__(self, model_name: str | nn.Module | None = None, task: str | None = None,
                  config: TextModelConfig | None = None, **kwargs: Any) -> None:
@@ -31,8 +30,7 @@ class OptimizedTextModel(nn.Module):
         task = canonical_task(task) if task else self._default_task
         if config is None:
             config = TextModelConfig(
-                model_name=model_name if isinstance(model_name, str) else type(model_name).__name__,
-                model_type=self._model_type)
+                model_name=model_name if isinstance(model_name, str) else type(model_name).__name__)
         self.optimizer = TextModelOptimizer(config)
         self.model = self.optimizer.optimize(model_name, task=task, **kwargs)
         self.report = self.optimizer.report
@@ -114,18 +112,15 @@ class _EncoderModel(OptimizedTextModel):
 
 class OptimizedBERT(_EncoderModel):
     _default_name = "bert-base-uncased"
-    _model_type = TextModelType.BERT
 
 
 class OptimizedDistilBERT(_EncoderModel):
     _default_name = "distilbert-base-uncased"
-    _model_type = TextModelType.DISTILBERT
 
 
 class OptimizedGPT2(OptimizedTextModel):
     _default_name = "gpt2"
     _default_task = "causal-lm"
-    _model_type = TextModelType.GPT2
 
     def __init__(self, model_name: str | nn.Module | None = "gpt2", task: str = "causal-lm",
                  config: TextModelConfig | None = None, **kwargs: Any) -> None:

@@ -1,0 +1,127 @@
+"""The apply steps, each ``(model, plan, report) -> model``, by name. Families list which run and
+in what order (``torchbridge.families``); every step records what it did in the report."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from torchbridge.precisions import precision
+from torchbridge.precisions.casting import cast_model, wrap_autocast
+
+from .checks import wrap_input_checks
+from .decoding import attach_fast_generate
+from .padding import PER_TOKEN_FIELDS, wrap_trim_padding
+from .plan import Plan
+from .report import OptimizationReport
+
+Step = Callable[[nn.Module, Plan, OptimizationReport], nn.Module]
+
+
+def set_attention(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn.Module:
+    if not hasattr(model, "set_attn_implementation"):
+        report.step("attention", False, "not a transformers model: attention left as is")
+        return model
+    model.set_attn_implementation(plan.attention)
+    report.step("attention", plan.attention == "sdpa", f"attn_implementation={plan.attention!r}")
+    return model
+
+
+def cast(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn.Module:
+    model = cast_model(model, plan.dtype, fp32_norms=plan.amp)
+    report.step("precision", plan.dtype != torch.float32, plan.dtype_reason)
+    return model
+
+
+def quantize(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn.Module:
+    if plan.quantization is None:
+        report.step("quantization", False, "none requested")
+        return model
+    entry = precision(plan.quantization)
+    skip = tuple(report.float_layers)  # layers the accuracy control kept in float, if any
+    model = entry.quantize(model, skip)
+    detail = f"{entry.name}: {entry.describe}"
+    if skip:
+        detail += f"; {len(skip)} layer(s) kept in {plan.dtype} to pass the gate"
+    report.step("quantization", True, detail)
+    return model
+
+
+def to_device(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn.Module:
+    model = model.to(plan.device.torch_device)
+    report.step("device", True, str(plan.device.torch_device))
+    return model
+
+
+def autocast(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn.Module:
+    if not plan.amp:
+        report.step("autocast", False, "use_amp off, or fp32 compute (nothing to autocast to)")
+        return model
+    report.step("autocast", True, f"forward under torch.autocast({plan.device.type}, {plan.dtype}),"
+                " LayerNorms in fp32")
+    return wrap_autocast(model, plan.device.type, plan.dtype)
+
+
+def gradient_checkpointing(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn.Module:
+    if not plan.gradient_checkpointing:
+        report.step("gradient_checkpointing", False, "off")
+    elif not getattr(model, "supports_gradient_checkpointing", False):
+        report.step("gradient_checkpointing", False, "the architecture does not support it")
+    else:
+        # transformers 5 renamed it; the old name still works but warns
+        (getattr(model, "activation_checkpointing_enable", None)
+         or model.gradient_checkpointing_enable)()
+        report.step("gradient_checkpointing", True,
+                    "on: affects training only (inference keeps no activations to recompute)")
+    return model
+
+
+def compile_forward(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn.Module:
+    if not plan.compile:
+        report.step("torch.compile", False, plan.compile_reason)
+        return model
+    kwargs = plan.compile_kwargs()
+    # The forward is compiled, not the module: the model keeps its class (pipelines,
+    # save_pretrained) and the padding trimmer can stay outside the graph.
+    model.forward = torch.compile(model.forward, **kwargs)
+    report.step("torch.compile", True, f"{plan.compile_mode}: {kwargs} ({plan.compile_reason})")
+    return model
+
+
+def trim_padding(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn.Module:
+    if not plan.trim_padding:
+        report.step("trim_padding", False, "trim_padding=False")
+    elif report.task not in PER_TOKEN_FIELDS:
+        report.step("trim_padding", False, f"not for the {report.task} task")
+    else:
+        model = wrap_trim_padding(model, report.task)
+        report.step("trim_padding", True, "right-padded batches run in groups of similar length, "
+                    "each trimmed to its longest row")
+    return model
+
+
+def input_checks(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn.Module:
+    model, limits = wrap_input_checks(model)
+    report.step("input_checks", True, f"refused before the model runs: {limits}")
+    return model
+
+
+def fast_generate(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn.Module:
+    attach_fast_generate(model, plan, report)
+    return model
+
+
+STEPS: dict[str, Step] = {
+    "attention": set_attention,
+    "cast": cast,
+    "quantize": quantize,
+    "device": to_device,
+    "autocast": autocast,
+    "gradient_checkpointing": gradient_checkpointing,
+    "compile": compile_forward,
+    "trim_padding": trim_padding,
+    "input_checks": input_checks,
+    "fast_generate": fast_generate,
+}
