@@ -126,20 +126,37 @@ async def load(url: str, path: str, bodies: list[dict], concurrency: int, second
             "p99_ms": float(np.percentile(lat, 99))}
 
 
-def run_levels(server: Server, path: str, make_body, levels: list[int], per_level: int,
-               seconds: float, token_key: str, warmup: int) -> list[dict]:
-    asyncio.run(load(server.url, path, [make_body(i) for i in range(warmup)], min(warmup, 8),
-                     600, token_key))  # warm-up: first calls, allocation, not timed
+def run_levels(servers: list[tuple[Server, str]], make_body, levels: list[int], per_level: int,
+               seconds: float, token_key: str, warmup: int, rounds: int) -> list[dict]:
+    """All servers are up together; each level runs on each server in turn, `rounds` times with
+    the order reversed every round, so that background load on a shared machine falls on all of
+    them alike. Each row is the median over the rounds (every round is kept in `rounds`)."""
+    for server, path in servers:  # warm-up: first calls, allocations; not timed
+        asyncio.run(load(server.url, path, [make_body(i) for i in range(warmup)],
+                         min(warmup, 8), 600, token_key))
     rows = []
     for c in levels:
         n = max(per_level, 2 * c)
-        row = asyncio.run(load(server.url, path, [make_body(i) for i in range(n)], c, seconds,
-                               token_key))
-        row["server"], row["rss_mb"] = server.name, server.rss_mb()
-        print(f"  {server.name:28s} c={c:3d} {row['requests_per_s']:8.1f} req/s "
-              f"{row['tokens_per_s']:9.1f} tok/s p50 {row['p50_ms']:8.1f} ms "
-              f"p99 {row['p99_ms']:8.1f} ms {row['statuses']}", flush=True)
-        rows.append(row)
+        runs: dict[str, list[dict]] = {s.name: [] for s, _ in servers}
+        for rnd in range(rounds):
+            for server, path in (servers if rnd % 2 == 0 else servers[::-1]):
+                r = asyncio.run(load(server.url, path, [make_body(i) for i in range(n)], c,
+                                     seconds, token_key))
+                r["rss_mb"] = server.rss_mb()
+                runs[server.name].append(r)
+        for name, rs in runs.items():
+            row = {"server": name, "concurrency": c, "rounds": rs}
+            for key in ("requests_per_s", "tokens_per_s", "p50_ms", "p90_ms", "p99_ms"):
+                row[key] = float(np.median([r[key] for r in rs]))
+            statuses: dict[str, int] = {}
+            for r in rs:
+                for k, v in r["statuses"].items():
+                    statuses[k] = statuses.get(k, 0) + v
+            row["statuses"] = statuses
+            print(f"  {name:28s} c={c:3d} {row['requests_per_s']:8.1f} req/s "
+                  f"{row['tokens_per_s']:9.1f} tok/s p50 {row['p50_ms']:8.1f} ms "
+                  f"p99 {row['p99_ms']:8.1f} ms {statuses}", flush=True)
+            rows.append(row)
     return rows
 
 
@@ -193,73 +210,93 @@ def ratios(rows: list[dict], base: str, metric: str) -> dict[str, dict[int, floa
     return out
 
 
+def infinity_server(args, model: Path) -> Server:
+    port = free_port()
+    return Server("infinity-emb", [args.infinity_bin, "v2", "--model-id", str(model),
+                                   "--port", str(port), "--host", "127.0.0.1", "--engine", "torch",
+                                   "--device", "cpu", "--served-model-name", "bench"],
+                  port, env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                             "INFINITY_ANONYMOUS_USAGE_STATS": "0", "DO_NOT_TRACK": "1"})
+
+
 def bench_embeddings(args, sentences: list[str], doc: dict) -> None:
     from torchbridge.bench.assets.minilm import minilm_dir
 
     model = minilm_dir()
     body = lambda i: {"input": sentences[i % len(sentences)], "model": "bench"}  # noqa: E731
-    rows: list[dict] = []
-    configs = [("torchbridge batched", ["--max-wait-ms", str(args.max_wait_ms)]),
-               ("torchbridge one-at-a-time", ["--no-batching"])]
-    compile_flag = [] if args.compile else ["--no-compile"]
-    memory = None
-    for name, extra in configs:
-        print(f"embeddings: {name}", flush=True)
-        server = torchbridge_server(name, model, "feature-extraction", extra + compile_flag)
-        try:
-            server.wait()
-            rows += run_levels(server, "/v1/embeddings", body, args.concurrency, args.requests,
-                               args.level_seconds, "prompt_tokens", warmup=16)
-            if name == "torchbridge batched" and args.memory_requests:
-                memory = memory_check(server, body, args.memory_requests, 32)
-        finally:
-            server.stop()
+    flags = args.model_flags + ["--max-wait-ms", str(args.max_wait_ms)]
+    batched = torchbridge_server("torchbridge batched", model, "feature-extraction", flags)
+    single = torchbridge_server("torchbridge one-at-a-time", model, "feature-extraction",
+                                flags + ["--no-batching"])
+    servers = [(batched, "/v1/embeddings"), (single, "/v1/embeddings")]
     infinity_note = None
     if Path(args.infinity_bin).exists():
-        print("embeddings: infinity-emb", flush=True)
-        port = free_port()
-        server = Server("infinity-emb", [args.infinity_bin, "v2",
-                                         "--model-id", str(model), "--port", str(port),
-                                         "--host", "127.0.0.1", "--engine", "torch",
-                                         "--device", "cpu", "--served-model-name", "bench"],
-                        port, env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                                   "INFINITY_ANONYMOUS_USAGE_STATS": "0", "DO_NOT_TRACK": "1"})
-        try:
-            server.wait(300)
-            rows += run_levels(server, "/embeddings", body, args.concurrency, args.requests,
-                               args.level_seconds, "prompt_tokens", warmup=16)
-        except RuntimeError as e:
-            infinity_note = f"infinity-emb did not run: {e}"
-        finally:
-            server.stop()
+        servers.append((infinity_server(args, model), "/embeddings"))
     else:
         infinity_note = (f"infinity-emb not measured: no {args.infinity_bin} "
                          "(install infinity-emb in a separate venv, see docs/serve.md)")
+    memory = None
+    try:
+        for server, _ in list(servers):
+            try:
+                server.wait(300)
+            except RuntimeError as e:
+                if server.name != "infinity-emb":
+                    raise
+                infinity_note = f"infinity-emb did not run: {e}"
+                servers = [x for x in servers if x[0] is not server]
+        print("embeddings: " + ", ".join(s.name for s, _ in servers), flush=True)
+        rows = run_levels(servers, body, args.concurrency, args.requests, args.level_seconds,
+                          "prompt_tokens", warmup=32, rounds=args.rounds)
+        if args.memory_requests:
+            memory = memory_check(batched, body, args.memory_requests, 32)
+    finally:
+        for server, _ in servers:
+            server.stop()
     doc["embeddings"] = {"model": "all-MiniLM-L6-v2", "rows": rows, "infinity_note": infinity_note,
                          "speedup_vs_one_at_a_time": ratios(rows, "torchbridge one-at-a-time",
                                                             "requests_per_s"),
+                         "vs_infinity": ratios(rows, "infinity-emb", "requests_per_s"),
                          "memory": memory}
+
+
+def loadable_smollm2(folder: Path, out: Path) -> Path:
+    """The SmolLM2 asset's config.json still carries the GGUF `quantization_config` it was
+    converted from, which makes transformers refuse `.float()` / dtype casts of the (already
+    dequantized, fp32) model; a copy of the folder without it loads like any HF checkpoint."""
+    config = json.loads((folder / "config.json").read_text())
+    if "quantization_config" not in config:
+        return folder
+    out.mkdir(parents=True, exist_ok=True)
+    for f in folder.iterdir():
+        target = out / f.name
+        if f.name != "config.json" and not target.exists():
+            target.symlink_to(f)
+    config.pop("quantization_config")
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
 
 
 def bench_completions(args, sentences: list[str], doc: dict) -> None:
     from torchbridge.bench.assets.smollm2 import smollm2_dir
 
-    model = smollm2_dir()
+    model = loadable_smollm2(smollm2_dir(), args.output / "SmolLM2-135M-Instruct")
     body = lambda i: {"prompt": sentences[i % len(sentences)], "model": "bench",  # noqa: E731
                       "max_tokens": args.max_tokens, "temperature": 0}
-    rows: list[dict] = []
-    compile_flag = [] if args.compile else ["--no-compile"]
-    for name, extra in (("torchbridge continuous", ["--slots", str(args.slots)]),
-                        ("torchbridge one-at-a-time", ["--no-batching"])):
-        print(f"completions: {name}", flush=True)
-        server = torchbridge_server(name, model, "causal-lm",
-                                    extra + compile_flag + ["--max-model-len", "512"])
-        try:
-            server.wait()
-            rows += run_levels(server, "/v1/completions", body, args.gen_concurrency,
-                               args.gen_requests, args.level_seconds, "completion_tokens",
-                               warmup=2)
-        finally:
+    flags = args.model_flags + ["--max-model-len", "512"]
+    servers = [(torchbridge_server("torchbridge continuous", model, "causal-lm",
+                                   flags + ["--slots", str(args.slots)]), "/v1/completions"),
+               (torchbridge_server("torchbridge one-at-a-time", model, "causal-lm",
+                                   flags + ["--no-batching"]), "/v1/completions")]
+    try:
+        for server, _ in servers:
+            server.wait(600)
+        print("completions: " + ", ".join(s.name for s, _ in servers), flush=True)
+        rows = run_levels(servers, body, args.gen_concurrency, args.gen_requests,
+                          args.level_seconds, "completion_tokens", warmup=2,
+                          rounds=args.gen_rounds)
+    finally:
+        for server, _ in servers:
             server.stop()
     doc["completions"] = {"model": "SmolLM2-135M-Instruct", "max_tokens": args.max_tokens,
                           "rows": rows,
@@ -280,13 +317,18 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--slots", type=int, default=16)
     p.add_argument("--max-wait-ms", type=float, default=5)
-    p.add_argument("--memory-requests", type=int, default=0)
+    p.add_argument("--memory-requests", type=int, default=10000,
+                   help="embedding requests for the RSS check (0: skip)")
+    p.add_argument("--rounds", type=int, default=3, help="embeddings: rounds per level")
+    p.add_argument("--gen-rounds", type=int, default=2, help="completions: rounds per level")
+    p.add_argument("--dtype", default="auto", help="the servers' --dtype")
     p.add_argument("--compile", action="store_true", help="servers with torch.compile (slow start)")
     p.add_argument("--infinity-bin", default=INFINITY_BIN,
                    help="infinity_emb executable (a separate venv: its pins clash with ours)")
     args = p.parse_args()
     args.concurrency = [int(x) for x in args.concurrency.split(",")]
     args.gen_concurrency = [int(x) for x in args.gen_concurrency.split(",")]
+    args.model_flags = ["--dtype", args.dtype] + ([] if args.compile else ["--no-compile"])
     from torchbridge.bench.assets.minilm import review_sentences
     from torchbridge.bench.runner import env_report
 
