@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -70,3 +72,61 @@ def no_compile(**kwargs):
     kwargs.setdefault("warmup_steps", 1)
     kwargs.setdefault("warmup_seq_len", 16)
     return TextModelConfig(**kwargs)
+
+
+def _put_in_hf_cache(home: Path, repo_id: str, folder_writer) -> None:
+    commit = "0" * 40
+    repo = home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    folder_writer(snapshot)
+
+
+@pytest.fixture
+def tiny_hub_cache(tmp_path, monkeypatch, tiny_bert_dir):
+    """A temporary offline Hugging Face cache holding tiny models under the guide's hub names
+    (bert-base-uncased, distilbert-base-uncased, dslim/bert-base-NER, gpt2), each with its
+    tokenizer, exactly where an offline `from_pretrained` looks for them."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from torchbridge.bench.assets._fetch import AssetUnavailableError
+    from torchbridge.bench.assets.gpt2_tokenizer import gpt2_tokenizer_dir
+
+    try:
+        gpt2_tok = gpt2_tokenizer_dir()
+    except AssetUnavailableError as err:
+        pytest.skip(f"the GPT-2 tokenizer is unavailable: {err}")
+    home = tmp_path / "hf"
+
+    def bert(kind):
+        def write(folder):
+            tiny_model("bert", kind, num_labels=9 if kind == "token-classification" else 2
+                       ).save_pretrained(folder)
+            AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(folder)
+        return write
+
+    def gpt2(folder):
+        tiny_model("gpt2", "causal-lm", vocab_size=50257, bos_token_id=50256,
+                   eos_token_id=50256).save_pretrained(folder)
+        for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+            shutil.copy(gpt2_tok / name, folder / name)
+
+    _put_in_hf_cache(home, "bert-base-uncased", bert("masked-lm"))
+    _put_in_hf_cache(home, "dslim/bert-base-NER", bert("token-classification"))
+
+    def distilbert(folder):
+        tiny_model("distilbert", "sequence-classification").save_pretrained(folder)
+        AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(folder)
+
+    _put_in_hf_cache(home, "distilbert-base-uncased", distilbert)
+    _put_in_hf_cache(home, "gpt2", gpt2)
+    from huggingface_hub import constants
+
+    # huggingface_hub reads HF_HOME once at import; the cache path is looked up at call time
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return home

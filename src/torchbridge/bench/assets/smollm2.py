@@ -27,6 +27,7 @@ def smollm2_dir() -> Path:
     """
     out = cache_root() / "SmolLM2-135M-Instruct"
     if (out / ".complete").exists():
+        _drop_gguf_quantization_config(out)
         return out
     try:
         import gguf  # noqa: F401
@@ -55,8 +56,20 @@ def smollm2_dir() -> Path:
                                     f"unexpected {unexpected}")
     model.generation_config = loaded.generation_config
     model.save_pretrained(tmp)
+    _drop_gguf_quantization_config(tmp)
     AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE).save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     (out / ".complete").touch()
     return out
+
+
+def _drop_gguf_quantization_config(folder: Path) -> None:
+    """The weights are plain fp32 now; a `quantization_config` inherited from the GGUF load would
+    make transformers treat the folder as quantized (it then refuses `.float()` and `.to()`)."""
+    import json
+
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    if config.pop("quantization_config", None) is not None:
+        path.write_text(json.dumps(config, indent=2) + "\n")
