@@ -19,8 +19,9 @@ import torch
 from torchbridge.backends import describe, detect, synchronize
 from torchbridge.bench.harness import time_callable
 from torchbridge.pipeline.loading import load_model
+from torchbridge.precisions import DTYPE_NAMES
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 
 
 def _time(fn, device, runs: int) -> tuple[float, float, float]:

@@ -2,9 +2,9 @@
 process with an empty inductor cache, for
 
   cold     TextModelOptimizer().optimize(MODEL) (load fp32, plan, convert, verify, compile, warm up)
-  saved    load_optimized(DIR)                   (plan + converted weights, no verify), compile
-           cache artifacts loaded
-  no-cache load_optimized(DIR) with the compile-cache file hidden
+  saved    TextModelOptimizer().optimize(DIR)    (the saved plan + converted weights, no verify),
+           compile cache artifacts loaded when the plan compiles
+  no-cache the same with the compile-cache file hidden
 
     python benchmarks/optimize_reload.py MODEL [--random-weights] [--task T] [--output FILE]
 
@@ -29,8 +29,8 @@ if mode == "cold":
     from torchbridge.models.text import TextModelConfig, TextModelOptimizer
     model = TextModelOptimizer(TextModelConfig(random_weights=random)).optimize(src, task=task)
 else:
-    from torchbridge.pipeline.saved import load_optimized
-    model, _ = load_optimized(src)
+    from torchbridge.models.text import TextModelOptimizer
+    model = TextModelOptimizer().optimize(src)
 ready = time.perf_counter() - t0
 ids = torch.randint(1000 if model.config.vocab_size > 5000 else 1, model.config.vocab_size - 1,
                     (1, 16))

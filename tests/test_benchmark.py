@@ -1,7 +1,7 @@
 """The timing harness (fake clock, known sleeps), the result records and the peers' fidelity."""
-
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -242,3 +242,18 @@ def test_compile_time_is_billed_to_the_first_call(tiny_dirs: dict[str, Path]) ->
     assert row["first_call_s"] > 0.5  # dynamo + inductor: seconds, even for a tiny model
     assert row["median_ms"] / 1e3 < row["first_call_s"] / 10
     assert row["max_abs_diff"] < 1e-4
+
+
+def test_missing_matplotlib_is_named_where_the_chart_is_skipped(tmp_path, monkeypatch, capsys):
+    from torchbridge.bench import report
+
+    def no_matplotlib(doc, path):
+        raise ImportError("No module named 'matplotlib'")
+
+    monkeypatch.setattr(report, "write_chart", no_matplotlib)
+    doc = {"rows": [], "workload": {}, "env": {}}
+    monkeypatch.setattr(report, "markdown_table", lambda d: "")
+    paths = report.write_results(doc, tmp_path)
+    assert "chart" not in paths
+    assert "matplotlib is not installed" in capsys.readouterr().err
+    assert "matplotlib" in json.loads(paths["json"].read_text())["notes"][0]

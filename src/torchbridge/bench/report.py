@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -94,15 +95,17 @@ def write_chart(doc: dict[str, Any], path: Path) -> Path:
 
 
 def write_results(doc: dict[str, Any], out_dir: Path, *, chart: bool = True) -> dict[str, Path]:
-    """results.json, results.md and (if matplotlib is installed) results.png into ``out_dir``."""
+    """results.png (when matplotlib is installed; otherwise the JSON's notes and a line on stderr
+    say it was skipped and why), results.json and results.md into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "results.json", "markdown": out_dir / "results.md"}
-    paths["json"].write_text(json.dumps(doc, indent=2, default=str) + "\n")
-    paths["markdown"].write_text(markdown_table(doc))
     if chart:
         try:
             paths["chart"] = write_chart(doc, out_dir / "results.png")
         except ImportError:
-            doc.setdefault("notes", []).append(
-                "chart skipped: matplotlib is not installed (pip install matplotlib)")
+            note = "chart skipped: matplotlib is not installed (pip install matplotlib)"
+            doc.setdefault("notes", []).append(note)
+            print(f"torchbridge: {note}", file=sys.stderr)
+    paths["json"].write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    paths["markdown"].write_text(markdown_table(doc))
     return paths
