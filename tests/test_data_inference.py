@@ -196,3 +196,18 @@ def test_generate_text_batched_matches_one_by_one(tiny_bert_dir):
     with pytest.raises(ValueError, match="text 0: .* tokens, more than the model's limit of 8 "
                                          r"\(128 minus 120 new tokens\)"):
         generate_text(model, [" ".join(["the"] * 20)], max_new_tokens=120, truncation=False)
+
+
+def test_sentence_transformers_max_seq_length_is_the_limit(tmp_path, tiny_bert_dir):
+    from torchbridge.data.texts import max_tokens
+
+    path = _folder_plain(tmp_path, tiny_bert_dir)
+    (path / "modules.json").write_text(json.dumps([
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    (path / "1_Pooling").mkdir()
+    (path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    (path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 16}))
+    model = create_optimized_text_model(path, task="feature-extraction", **FAST)
+    assert max_tokens(model, model.tokenizer) == 16  # before any encode call too
+    with pytest.raises(ValueError, match="limit of 16"):
+        encode(model, [" ".join(["movie"] * 20)], truncation=False)

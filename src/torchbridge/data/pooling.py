@@ -90,8 +90,6 @@ def pooling_for(model: Any) -> Pooling:
         pooling = Pooling("lasttoken" if decoder else "mean",
                           "default: no sentence-transformers modules.json with a Pooling module")
     model.pooling = pooling
-    if pooling.max_seq_length:
-        model.sentence_max_length = pooling.max_seq_length
     return pooling
 
 

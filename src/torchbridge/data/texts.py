@@ -46,12 +46,14 @@ class Encoded:
 def max_tokens(model: Any, tokenizer: Any) -> int:
     """The longest input the model takes: its position table, the tokenizer's own limit, and the
     sentence-transformers ``max_seq_length`` when the folder has one (it trained to that)."""
+    from torchbridge.data.pooling import pooling_for
+
     config = model.config
     limits = [getattr(config, name, None) for name in ("max_position_embeddings", "n_positions")]
+    limits.append(pooling_for(model).max_seq_length)  # sentence_bert_config.json, when present
     # RoBERTa-style tables reserve positions for padding: the tokenizer's limit is the usable one
     limit_tok = getattr(tokenizer, "model_max_length", None)
     limits.append(limit_tok if isinstance(limit_tok, int) and limit_tok < 1_000_000 else None)
-    limits.append(getattr(model, "sentence_max_length", None))
     usable = [x for x in limits if isinstance(x, int) and x > 0]
     if not usable:
         raise ValueError(f"{type(model.model).__name__}: cannot tell the longest input it takes "
