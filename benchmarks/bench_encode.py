@@ -70,12 +70,13 @@ def sentence_transformers_row(folder: Path, batch_size: int, backend: str):
 
 def torchbridge_row(folder: Path, batch_size: int, **config: Any):
     from torchbridge.data import encode
+    from torchbridge.data.pooling import pooling_for
     from torchbridge.models.text import create_optimized_text_model
 
     model = create_optimized_text_model(str(folder), task="feature-extraction", **config)
     runner = lambda texts: encode(model, texts, batch_size=batch_size, progress=False)  # noqa: E731
     runner.details = {"dtype": model.report.weight_dtype, "compiled": model.report.compiled,  # type: ignore[attr-defined]
-                      "quantization": model.report.plan.quantization, "pooling": str(model.pooling)}
+                      "quantization": model.report.plan.quantization, "pooling": str(pooling_for(model))}
     return runner
 
 
