@@ -162,3 +162,21 @@ def test_precision_registry_is_the_one_place():
         assert 0 < entry.gate.min_cosine <= 1 and 0 < entry.gate.min_agreement <= 1
     assert effective(torch.bfloat16, None).name == "bf16"
     assert effective(torch.bfloat16, "int8-dynamic").bytes_per_param == 1
+
+
+def test_int8_dynamic_keeps_layers_in_float_until_the_gate_passes():
+    from torchbridge.precisions.accuracy_control import Int8AccuracyError
+
+    model = tiny_model("bert", "feature-extraction")
+    # a gate tighter than plain int8 reaches on this model (cosine ~0.99997): the accuracy
+    # control must put the most sensitive projection(s) back in float, and say which
+    opt = TextModelOptimizer(no_compile(dtype=torch.float32, quantization="int8-dynamic",
+                                        verify_tolerance=1e-5))
+    opt.optimize(model)
+    info = opt.get_optimization_info()
+    assert info["verify"]["passed"] and info["float_layers"]
+    assert info["accuracy_control"]["layers_float"] == info["float_layers"]
+    assert "kept in" in opt.report.summary()
+    with pytest.raises(Int8AccuracyError, match="fails the accuracy gate"):
+        TextModelOptimizer(no_compile(dtype=torch.float32, quantization="int8-dynamic",
+                                      verify_tolerance=1e-12)).optimize(model)

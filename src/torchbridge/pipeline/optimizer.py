@@ -170,11 +170,17 @@ class TextModelOptimizer:
             from .selection import select_precision
 
             plan = select_precision(self, source, reference, family, plan, report, batch, text)
-        elif reference is not None and plan.quantization == "int8-dynamic" and family.verify == "encoder":
-            self._accuracy_control(reference, plan, report, batch, text)
         model = self.apply(source, plan, report, family, batch)
         if reference is not None:
             report.verify = self.verify(model, reference, plan, family, batch, text, report)
+            if not report.verify.passed and plan.quantization == "int8-dynamic" \
+                    and family.verify == "encoder":
+                # int8 must never silently lose accuracy: keep the layers that move the output
+                # most in float until the gate passes (raises when half of them are not enough)
+                self._accuracy_control(reference, plan, report, batch, text)
+                report.steps = []
+                model = self.apply(private_copy(reference), plan, report, family, batch)
+                report.verify = self.verify(model, reference, plan, family, batch, text, report)
             if not report.verify.passed and plan.dtype_auto:
                 fallback = plan.with_precision(
                     torch.float32, plan.quantization,
