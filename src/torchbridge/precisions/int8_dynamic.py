@@ -6,23 +6,30 @@ runs on int8 integer units (``torch._int_mm``: VNNI/AMX on x86 CPUs, IMMA on GPU
 in fp32, the result cast back to the activations' dtype (bf16 when the model is bf16).
 Per-token scales keep one loud token from flattening the resolution of the others.
 
-What was measured (``benchmarks/int8_study.py``, BERT-base 8 x 128, 2 threads on a shared 2-core
-Xeon with AMX; candidates interleaved round-robin in one process, medians of per-round ratios):
+What was measured (``benchmarks/int8_study.py``; a 2-core Xeon with AMX-INT8 and AMX-BF16,
+shared with other jobs, so candidates run round-robin in one process and the numbers below are
+medians of per-round ratios of process CPU time, which does not count time spent waiting for a
+core; full numbers and commands in docs/int8.md):
 
 * Under torch.compile (inductor, freezing) the quantize and rescale need no hand fusion: the
   generated code runs LayerNorm + row absmax + quantize as one kernel, rescale + bias + GELU + the
   next quantize as one, and rescale + bias + residual add as one; only ``_int_mm`` stays an
-  extern call (oneDNN). Eager, the same arithmetic costs as much as the GEMM itself, which is why
-  the int8 path is meant to run compiled.
-* Paid: keeping the weight [in, out] contiguous for ``_int_mm(a [M, K], b [K, N])`` (a
-  transposed view of [out, in] ran ~1.4x slower per GEMM); bf16 activations between the GEMMs
-  (model cast to bf16) over fp32 ones, because LayerNorm, softmax-attention and GELU then move
-  half the bytes and SDPA runs in bf16.
-* Did not pay: one scale per tensor instead of per token (a second pass over the activations for
-  the global max, ~10% slower per GEMM, and coarser); one fused QKV GEMM instead of three (the
-  quantize of the shared input is deduplicated by inductor already, and one N=2304 GEMM was not
-  faster than three N=768 ones); inductor max-autotune (``_int_mm`` is not templated on CPU, the
-  extern oneDNN kernel was chosen anyway). The numbers are in the study's JSON and the README.
+  extern call (oneDNN). Eager, the same arithmetic is 2.8-5x slower than compiled (0.36x / 0.19x
+  at the GEMM level), so the int8 path is meant to run compiled.
+* What limits it: on this CPU a bare ``_int_mm`` is only ~1.25x a bf16 GEMM (AMX runs both), and
+  the per-token quantize plus the int32 [tokens, out] round trip of the rescale cost more than
+  that: one BERT-base layer's Q/K/V projections take 11.2 ms as dynamic int8 against 9.1 ms in
+  bf16 and 7.2 ms for the bare int8 GEMMs (1 thread). At model level (BERT-base 8 x 128, 1
+  thread) int8 ran 2.6-2.8x HF eager fp32 against 3.5x for the compiled bf16 path.
+* Within noise (differences under ~15% did not repeat across runs): a [K, N] contiguous weight
+  vs a transposed [N, K] view, inductor max-autotune (``_int_mm`` is not templated on CPU; the
+  same extern kernel runs), per-tensor instead of per-token activation scales (no faster, and
+  coarser), one fused QKV GEMM instead of three (0.73x in one run, 1.11x in another).
+* bf16 activations between the int8 GEMMs (model cast to bf16) did not beat fp32 ones
+  (0.93x at 1 thread): the quantize reads them in fp32 anyway and the rescale writes them back.
+* oneDNN's own int8 linear (``onednn.qlinear_pointwise``, rescale + bias + bf16 output fused in
+  the GEMM, no int32 round trip) was 1.29x the per-token ``_int_mm`` projection, still slower
+  than bf16, and it takes one activation scale per tensor only; not adopted.
 """
 
 from __future__ import annotations
