@@ -33,6 +33,7 @@ from torchbridge.bench.assets.minilm import minilm_dir, review_sentences
 from torchbridge.bench.runner import env_report
 
 LONG = " ".join(["remarkably"] * 600)
+ENV = dict(os.environ)  # --threads sets OMP_NUM_THREADS for the `torchbridge run` processes
 
 
 def make_model(folder: Path) -> None:
@@ -70,7 +71,7 @@ def run(cmd: list[str], *, kill_after_shards: int | None = None, out: Path | Non
         ) -> dict[str, Any]:
     """Run the CLI, sampling its RSS; optionally SIGKILL it once N shards are done."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     ps = psutil.Process(proc.pid)
     samples: list[tuple[float, float]] = []
     killed = False
@@ -122,8 +123,12 @@ def main() -> int:
     p.add_argument("--reference-rows", type=int, default=10_000)
     p.add_argument("--shard-rows", type=int, default=5_000)
     p.add_argument("--kill-after-shards", type=int, default=4)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads of the run processes (OMP_NUM_THREADS; default: torch's)")
     p.add_argument("--output", type=Path, default=Path("bench-results/run_files"))
     args = p.parse_args()
+    if args.threads:
+        ENV["OMP_NUM_THREADS"] = str(args.threads)
     work = Path(tempfile.mkdtemp(prefix="bench-run-files-"))
     model = work / "tiny-classifier"
     make_model(model)
@@ -139,7 +144,7 @@ def main() -> int:
     shards_before = len(list((out / "_done").glob("*.json")))
     resumed = run(cmd)
     check = check_output(out, args.rows, bad)
-    doc = {"benchmark": "run_files", "env": env_report(), "rows": args.rows,
+    doc = {"benchmark": "run_files", "env": env_report(), "rows": args.rows, "threads": args.threads,
            "shard_rows": args.shard_rows, "model": "2-layer BERT, hidden 32, random weights, "
            "all-MiniLM-L6-v2 tokenizer", "input_bytes": big_in.stat().st_size,
            "reference_run": {"rows": args.reference_rows, "seconds": reference["seconds"],

@@ -63,8 +63,9 @@ def run_command(args: argparse.Namespace, config: Any) -> int:
                    context_column=args.context_column, output_format=args.format,
                    shard_rows=args.shard_rows, prefix=args.prefix, options=options,
                    progress=args.progress)
-    if not args.input.is_file():
-        raise ValueError(f"--input {args.input} is not a file")
+    if not (args.input.is_file() or (args.engine == "ray" and args.input.is_dir())):
+        raise ValueError(f"--input {args.input} is not a file"
+                         + (" or a folder of Parquet files" if args.engine == "ray" else ""))
     if args.engine == "ray":
         from torchbridge.data.ray_engine import RaySpec, run_ray
 
