@@ -146,3 +146,13 @@ def test_cli_run_embeddings_to_parquet(tmp_path, tiny_bert_dir, capsys):
     assert table.column("doc").to_pylist() == list(range(9))
     assert main([*args[:-2], "--address", "auto"]) == 2
     assert "--address apply to --engine ray" in capsys.readouterr().err
+
+
+def test_ray_engine_refuses_non_parquet_before_starting_a_cluster(tmp_path, tiny_bert_dir, capsys):
+    pytest.importorskip("ray", reason="Ray is an optional extra: pip install torchbridge[ray]")
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"text": "the movie"}) + "\n")
+    args = ["run", str(tiny_bert_dir), "--input", str(src), "--output", str(tmp_path / "out"),
+            "--engine", "ray", "--no-compile"]
+    assert main(args) == 2
+    assert "--engine ray reads and writes Parquet" in capsys.readouterr().err
