@@ -74,11 +74,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sentences", type=int, default=128)
     parser.add_argument("--output", type=Path, default=Path("bench-results/gates.json"))
+    parser.add_argument("--models", nargs="+", default=["minilm", "smollm2"],
+                        choices=["minilm", "smollm2"])
     args = parser.parse_args()
     sentences = review_sentences(args.sentences)
     doc: dict = {"env": env_report(), "sentences": len(sentences), "models": {}}
-    for label, fetch, task, kind in (("all-MiniLM-L6-v2", minilm_dir, "feature-extraction", "encoder"),
-                                     ("SmolLM2-135M", smollm2_dir, "causal-lm", "causal-lm")):
+    models = {"minilm": ("all-MiniLM-L6-v2", minilm_dir, "feature-extraction", "encoder"),
+              "smollm2": ("SmolLM2-135M", smollm2_dir, "causal-lm", "causal-lm")}
+    for label, fetch, task, kind in (models[m] for m in args.models):
         try:
             folder = fetch()
         except AssetUnavailableError as err:

@@ -167,13 +167,13 @@ def test_warmup_runs_the_configured_steps_and_shape(tiny_bert, monkeypatch):
     opt = TextModelOptimizer(no_compile(warmup_steps=4, warmup_batch_size=3, warmup_seq_len=20))
     model = opt.optimize(copy.deepcopy(tiny_bert))
     hook = model.bert.embeddings.register_forward_hook(lambda m, i, o: seen.append(o.shape))
-    opt2 = TextModelOptimizer(no_compile(warmup_steps=4, warmup_batch_size=3, warmup_seq_len=20))
     hook.remove()
     # re-run the warm-up alone on the optimized model, recording the shapes it sends
     model.bert.embeddings.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape[:2])))
     from torchbridge.families import FAMILIES
+    from torchbridge.pipeline.warmup import warm_up
 
-    opt2._warm_up(model, FAMILIES["bert"], opt.report, None)
+    warm_up(model, FAMILIES["bert"], opt.report, None)
     assert seen == [(3, 20)] * 4
     assert opt.get_optimization_info()["warmup"] == {"steps": 4, "shape": [3, 20]}
 

@@ -6,7 +6,6 @@ says which steps run, which gate fits its outputs and how it warms up.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from typing import Any
@@ -14,12 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchbridge.backends import device_ops
 from torchbridge.families import MODULE, Family, canonical_task, family_of
 
 from . import saved
 from .config import TextModelConfig, TextModelType
-from .decoding import left_padded_prompts, verify_generation, warm_up_generate
+from .decoding import left_padded_prompts, verify_generation
 from .loading import calibration_tokenizer, default_task, load_model, private_copy, task_of
 from .plan import Plan, make_plan
 from .report import OptimizationReport, count_sdpa_calls, plan_info
@@ -29,54 +27,14 @@ from .verify import (
     VerifyResult,
     compare_causal,
     compare_encoder,
+    flat_outputs,
     padded_batch,
     run_both,
     text_batch,
-    token_id_range,
 )
+from .warmup import CompileError, call_args, first_call, is_compiled, warm_up  # noqa: F401
 
 log = logging.getLogger("torchbridge")
-
-
-class CompileError(RuntimeError):
-    """torch.compile was explicitly requested and failed."""
-
-
-def _forward_chain(model: nn.Module):
-    forward = model.__dict__.get("forward")
-    while forward is not None:
-        yield forward
-        forward = getattr(forward, "__wrapped__", None) or getattr(
-            forward, "_torchdynamo_orig_callable", None)
-
-
-def is_compiled(model: nn.Module) -> bool:
-    """Read back whether the model's forward goes through torch.compile."""
-    return any(hasattr(f, "_torchdynamo_orig_callable") for f in _forward_chain(model))
-
-
-def uncompile(model: nn.Module) -> None:
-    """Put back the function torch.compile wrapped (after a failed compile; it is outermost)."""
-    forward = model.__dict__.get("forward")
-    model.forward = getattr(forward, "_torchdynamo_orig_callable", forward)
-
-
-def _graphs_compiled() -> int:
-    from torch._dynamo.utils import counters
-
-    return int(counters["stats"]["unique_graphs"])
-
-
-def _as_kwargs(example_inputs: Any) -> tuple[tuple, dict]:
-    if isinstance(example_inputs, dict):
-        return (), dict(example_inputs)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs), {}
-    return (example_inputs,), {}
-
-
-def _to(value: Any, device: torch.device) -> Any:
-    return value.to(device) if torch.is_tensor(value) else value
 
 
 class TextModelOptimizer:
@@ -196,7 +154,7 @@ class TextModelOptimizer:
                                         f"model: {report.verify.summary()}; {report.verify.failures}")
         del reference
         self._plan = plan
-        self._warm_up(model, family, report, example_inputs)
+        warm_up(model, family, report, example_inputs)
         report.read_back(model)
         report.timings["total_s"] = time.perf_counter() - t0
         self.report = report
@@ -285,7 +243,7 @@ class TextModelOptimizer:
             model = STEPS[name](model, plan, report)
             apply_s += time.perf_counter() - t0
             if name == "compile" and batch is not None:
-                self._first_call(model, plan, report, batch)  # compiles (lazily) or fails here
+                first_call(model, plan, report, batch)  # compiles (lazily) or fails here
         if "compile" not in family.steps and hasattr(model, "config"):
             probe = padded_batch(model.config, 2, 8, device=plan.device.torch_device)
             report.efficient_attention = count_sdpa_calls(model, probe) > 0
@@ -298,13 +256,14 @@ class TextModelOptimizer:
         t0 = time.perf_counter()
         device = plan.device.torch_device
         if family.verify == "module":
-            args, kwargs = _as_kwargs(batch)
             with torch.no_grad():
-                ref = reference(*args, **kwargs)
-                opt = model(*[_to(a, device) for a in args], **{k: _to(v, device) for k, v in kwargs.items()})
-            first = ref if torch.is_tensor(ref) else next(v for v in _values(ref) if torch.is_tensor(v))
-            mask = torch.ones(first.shape[0], 1, dtype=torch.long)
-            result = compare_encoder(_flat(ref), _flat(opt), mask, plan.gate, text=text)
+                ref_args, ref_kwargs = call_args(batch, next(reference.parameters()).device)
+                ref = reference(*ref_args, **ref_kwargs)
+                args, kwargs = call_args(batch, device)
+                opt = model(*args, **kwargs)
+            ref, opt = flat_outputs(ref), flat_outputs(opt)
+            mask = torch.ones(next(iter(ref.values())).shape[0], 1, dtype=torch.long)
+            result = compare_encoder(ref, opt, mask, plan.gate, text=text)
         else:
             ref_out, opt_out = run_both(model, reference, batch, device)
             if family.verify == "causal-lm" and report.task == "causal-lm":
@@ -344,99 +303,3 @@ class TextModelOptimizer:
                                    if k in record}
         report.timings["accuracy_control_s"] = time.perf_counter() - t0
 
-    @staticmethod
-    def _first_call(model: nn.Module, plan: Plan, report: OptimizationReport, batch: Any) -> None:
-        graphs_before = _graphs_compiled()
-        device = plan.device.torch_device
-        args, kwargs = _as_kwargs(batch)
-        args = tuple(_to(a, device) for a in args)
-        kwargs = {k: _to(v, device) for k, v in kwargs.items()}
-        for tensor in (*args, *kwargs.values()):
-            if torch.is_tensor(tensor) and tensor.dim() >= 2 and report.task != "module":
-                # compile for any batch size and length at once (within max_sequence_length)
-                # instead of one static graph first and a dynamic one at the second shape
-                torch._dynamo.maybe_mark_dynamic(tensor, 0)
-                torch._dynamo.maybe_mark_dynamic(tensor, 1)
-        t0 = time.perf_counter()
-        try:
-            with torch.no_grad():
-                model(*args, **kwargs)
-        except Exception as err:  # noqa: BLE001 - any compiler failure, re-raised or reported
-            if not report.steps[-1].applied:  # nothing was compiled: a plain model error
-                raise
-            if plan.compile_explicit:
-                raise CompileError(f"the first call of the optimized model failed: {err}. "
-                                   "Fix: TextModelConfig(use_torch_compile=False)") from err
-            report.notes.append(f"torch.compile failed ({type(err).__name__}: {err}); running "
-                                "uncompiled (compile was an auto choice)")
-            uncompile(model)
-            report.steps[-1] = type(report.steps[-1])("torch.compile", False, "failed, see notes")
-        report.compiled = is_compiled(model)
-        report.compiled_graphs = _graphs_compiled() - graphs_before
-        report.timings["compile_s" if report.compiled else "first_call_s"] = time.perf_counter() - t0
-
-    def _warm_up(self, model: nn.Module, family: Family, report: OptimizationReport,
-                 example_inputs: Any) -> None:
-        plan = report.plan
-        if plan.warmup_steps == 0:
-            return
-        if family is MODULE and example_inputs is None:
-            return  # the note about skipped verify and warm-up is already in the report
-        t0 = time.perf_counter()
-        graphs_before = _graphs_compiled()
-        device = plan.device.torch_device
-        if example_inputs is not None:
-            args, kwargs = _as_kwargs(example_inputs)
-            args, kwargs = tuple(_to(a, device) for a in args), {k: _to(v, device) for k, v in kwargs.items()}
-        else:
-            batch, seq = plan.warmup_shape
-            low, high = token_id_range(model.config)
-            ids = torch.randint(low, high, (batch, seq), generator=torch.Generator().manual_seed(1))
-            ids = ids.to(device)
-            args, kwargs = (), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        profiler = _profiler(plan) if plan.profile else None
-        with torch.no_grad(), (profiler or contextlib.nullcontext()):
-            for _ in range(plan.warmup_steps):
-                if family.warmup == "generate" and report.task == "causal-lm":
-                    warm_up_generate(model, plan, report)
-                else:
-                    model(*args, **kwargs)
-        report.compiled_graphs += _graphs_compiled() - graphs_before
-        report.timings["warmup_s"] = time.perf_counter() - t0
-        if profiler is not None:
-            activity = device_ops(plan.device).profiler_activity
-            sort_key = f"self_{activity.lower()}_time_total" if activity else "self_cpu_time_total"
-            events = profiler.key_averages()
-            report.profile_table = events.table(sort_by=sort_key, row_limit=20)
-            top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:20]
-            report.profile_top_ops = [
-                {"op": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3,
-                 "cpu_total_ms": e.cpu_time_total / 1e3} for e in top
-            ]
-
-
-def _values(output: Any) -> list:
-    if torch.is_tensor(output):
-        return [output]
-    if hasattr(output, "values"):
-        return list(output.values())
-    if isinstance(output, (tuple, list)):
-        return list(output)
-    return [output]
-
-
-def _flat(output: Any) -> dict[str, torch.Tensor]:
-    """A plain module's outputs as named [batch, -1] tensors, for the encoder gate."""
-    tensors = [v for v in _values(output) if torch.is_tensor(v) and v.is_floating_point()]
-    return {f"output{i}": t.reshape(t.shape[0], -1) if t.dim() else t.reshape(1, 1)
-            for i, t in enumerate(tensors)}
-
-
-def _profiler(plan: Plan):
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU]
-    extra = device_ops(plan.device).profiler_activity
-    if extra:
-        activities.append(getattr(ProfilerActivity, extra))
-    return profile(activities=activities, record_shapes=True)

@@ -217,3 +217,22 @@ def run_both(optimized: nn.Module, reference: nn.Module, inputs: dict[str, torch
     ref_out = reference(**{k: v.to(ref_device) for k, v in inputs.items()})
     opt_out = optimized(**{k: v.to(device) for k, v in inputs.items()})
     return ref_out, opt_out
+
+
+def _values(output: Any) -> list:
+    if torch.is_tensor(output):
+        return [output]
+    if hasattr(output, "values"):
+        return list(output.values())
+    if isinstance(output, (tuple, list)):
+        return list(output)
+    return [output]
+
+
+def flat_outputs(output: Any) -> dict[str, torch.Tensor]:
+    """A plain module's outputs as named [batch, -1] tensors, for the encoder gate."""
+    tensors = [v for v in _values(output) if torch.is_tensor(v) and v.is_floating_point()]
+    return {f"output{i}": t.reshape(t.shape[0], -1) if t.dim() else t.reshape(1, 1)
+            for i, t in enumerate(tensors)}
+
+
