@@ -19,14 +19,16 @@ core; full numbers and commands in docs/int8.md):
 * What limits it: on this CPU a bare ``_int_mm`` is only ~1.25x a bf16 GEMM (AMX runs both), and
   the per-token quantize plus the int32 [tokens, out] round trip of the rescale cost more than
   that: one BERT-base layer's Q/K/V projections take 11.2 ms as dynamic int8 against 9.1 ms in
-  bf16 and 7.2 ms for the bare int8 GEMMs (1 thread). At model level (BERT-base 8 x 128, 1
-  thread) int8 ran 2.6-2.8x HF eager fp32 against 3.5x for the compiled bf16 path.
+  bf16 and 7.2 ms for the bare int8 GEMMs (1 thread). At model level (BERT-base 8 x 128) int8
+  ran 2.6-2.8x HF eager fp32 at 1 thread and 2.8-3.2x at 2 threads, against 3.5x / 3.7x for the
+  compiled bf16 path (CTranslate2 int8: 3.3x / 4.0x).
 * Within noise (differences under ~15% did not repeat across runs): a [K, N] contiguous weight
   vs a transposed [N, K] view, inductor max-autotune (``_int_mm`` is not templated on CPU; the
   same extern kernel runs), per-tensor instead of per-token activation scales (no faster, and
   coarser), one fused QKV GEMM instead of three (0.73x in one run, 1.11x in another).
-* bf16 activations between the int8 GEMMs (model cast to bf16) did not beat fp32 ones
-  (0.93x at 1 thread): the quantize reads them in fp32 anyway and the rescale writes them back.
+* bf16 activations between the int8 GEMMs (model cast to bf16) were slower than fp32 ones in
+  every run (0.93x at 1 thread, 0.86x at 2): the quantize reads them in fp32 anyway, and the
+  rest of the bf16 graph did not make up for it.
 * oneDNN's own int8 linear (``onednn.qlinear_pointwise``, rescale + bias + bf16 output fused in
   the GEMM, no int32 round trip) was 1.29x the per-token ``_int_mm`` projection, still slower
   than bf16, and it takes one activation scale per tensor only; not adopted.
