@@ -280,7 +280,14 @@ def loadable_smollm2(folder: Path, out: Path) -> Path:
 def bench_completions(args, sentences: list[str], doc: dict) -> None:
     from torchbridge.bench.assets.smollm2 import smollm2_dir
 
-    model = loadable_smollm2(smollm2_dir(), args.output / "SmolLM2-135M-Instruct")
+    source = loadable_smollm2(smollm2_dir(), args.output / "SmolLM2-135M-Instruct")
+    # optimize (and verify) once; both servers load the saved folder, as a deployment would
+    model = args.output / "smollm2-optimized"
+    if not (model / "config.json").exists():
+        print("completions: torchbridge optimize (once)", flush=True)
+        subprocess.run([sys.executable, "-m", "torchbridge.cli", "optimize", str(source),
+                        "--task", "causal-lm", "--output", str(model), *args.model_flags],
+                       check=True, stdout=subprocess.DEVNULL)
     body = lambda i: {"prompt": sentences[i % len(sentences)], "model": "bench",  # noqa: E731
                       "max_tokens": args.max_tokens, "temperature": 0}
     flags = args.model_flags + ["--max-model-len", "512"]
@@ -337,15 +344,26 @@ def main() -> None:
                                                              vars(args).items()},
                            "command": " ".join(sys.argv)}
     what = args.what.split(",")
-    if "embeddings" in what:
-        bench_embeddings(args, sentences, doc)
-    if "completions" in what:
-        bench_completions(args, sentences, doc)
     args.output.mkdir(parents=True, exist_ok=True)
-    note = chart(doc, args.output / "serve.png")
-    doc["chart"] = note or str(args.output / "serve.png")
-    (args.output / "serve.json").write_text(json.dumps(doc, indent=2, default=str))
-    print(f"wrote {args.output / 'serve.json'}" + (f" ({note})" if note else ""))
+    out = args.output / "serve.json"
+    if out.exists():  # a run of one part keeps the other part's results
+        previous = json.loads(out.read_text())
+        for part in ("embeddings", "completions"):
+            if part not in what and part in previous:
+                doc[part] = previous[part]
+                doc[f"{part}_command"] = previous.get(f"{part}_command", previous.get("command"))
+    for part, run in (("embeddings", bench_embeddings), ("completions", bench_completions)):
+        if part in what:
+            run(args, sentences, doc)
+            doc[f"{part}_command"] = doc["command"]
+            write(doc, args.output)  # each part is kept even if a later one fails
+
+
+def write(doc: dict, output: Path) -> None:
+    note = chart(doc, output / "serve.png")
+    doc["chart"] = note or str(output / "serve.png")
+    (output / "serve.json").write_text(json.dumps(doc, indent=2, default=str))
+    print(f"wrote {output / 'serve.json'}" + (f" ({note})" if note else ""), flush=True)
 
 
 if __name__ == "__main__":
