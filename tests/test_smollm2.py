@@ -76,3 +76,19 @@ def test_bf16_greedy_agreement(smollm2):
           f"free-running agreement {free / total:.3f}, teacher-forced {forced / total:.3f}")
     assert forced / total >= 0.95
     assert free / total >= 0.5
+
+
+def test_default_mode_keeps_bf16_on_the_real_decoder(smollm2):
+    """The causal-LM gate (next-token agreement + KL on real text, and the generation check)
+    passes bf16 on SmolLM2: the default mode does not fall back to fp32 on a real decoder."""
+    from torchbridge.models.text import TextModelConfig, TextModelOptimizer
+
+    tok, model = smollm2
+    model.config.name_or_path = model.name_or_path  # its folder: the gate uses real text
+    opt = TextModelOptimizer(TextModelConfig(use_torch_compile=False, warmup_steps=0))
+    opt.optimize(model)
+    info = opt.get_optimization_info()
+    assert info["dtype"] == "bfloat16" and not any("fallback" in n for n in info["notes"])
+    verify = info["verify"]
+    assert verify["passed"] and verify["text"] == "real text"
+    assert verify["measures"]["next_token_agreement"] >= 0.95 and verify["measures"]["mean_kl"] < 0.05
