@@ -18,6 +18,9 @@ from torch import nn
 from .plan import Plan
 from .report import OptimizationReport
 
+# The generation check counts every position, near-ties included (the forward gate counts only
+# decisive ones), over a few dozen tokens: it may sit this far below the gate's agreement.
+GENERATION_SLACK = 0.1
 # GenerationConfig fields that say nothing about the decoding algorithm.
 _BOOKKEEPING = {"transformers_version", "_from_model_config", "cache_implementation"}
 
@@ -87,9 +90,10 @@ def verify_generation(model: nn.Module, reference: nn.Module, plan: Plan,
     if plan.precision_name == "fp32" and not result["identical"]:
         failures.append(f"fp32 fast generation differs from HF generate at new token "
                         f"{result['first_divergence']}")
-    elif result["teacher_forced_agreement"] < plan.gate.min_agreement:
+    elif result["teacher_forced_agreement"] < plan.gate.min_agreement - GENERATION_SLACK:
         failures.append(f"fast generation: teacher-forced agreement "
-                        f"{result['teacher_forced_agreement']:.3f} < {plan.gate.min_agreement}")
+                        f"{result['teacher_forced_agreement']:.3f} < "
+                        f"{plan.gate.min_agreement - GENERATION_SLACK:.2f}")
     return summary, failures
 
 
