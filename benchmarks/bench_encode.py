@@ -104,7 +104,7 @@ def bench_rows(args: argparse.Namespace, folder: Path, sentences: list[str]) -> 
     }
     rows: dict[str, dict[str, Any]] = {}
     runners = {}
-    for name in args.rows.split(","):
+    for name in filter(None, args.rows.split(",")):
         t0 = time.perf_counter()
         try:
             runner = builders[name]()
@@ -152,13 +152,14 @@ def bench_ray(args: argparse.Namespace, folder: Path, sentences: list[str], out:
     from torchbridge.data.ray_engine import RaySpec, run_ray
     from torchbridge.data.run import RunSpec, run_file
     from torchbridge.data.table import Options
-    from torchbridge.models.text import TextModelConfig, create_optimized_text_model
-    from torchbridge.pipeline.saved import save_optimized
+    from torchbridge.models.text import TextModelOptimizer, create_optimized_text_model
 
     work = Path(tempfile.mkdtemp(prefix="bench-encode-ray-"))
     saved = work / "minilm-optimized"
     t0 = time.perf_counter()
-    save_optimized(str(folder), saved, TextModelConfig(), task="feature-extraction")
+    optimizer = TextModelOptimizer()  # what `torchbridge optimize FOLDER --output DIR` does
+    optimizer.save_pretrained(optimizer.optimize(str(folder), task="feature-extraction"), saved,
+                              source=str(folder))
     optimize_s = time.perf_counter() - t0
     src = work / "sentences.parquet"
     pq.write_table(pa.table({"id": list(range(len(sentences))), "text": sentences}), src,
@@ -241,10 +242,12 @@ def main() -> int:
     doc: dict[str, Any] = {"benchmark": "encode", "model": "all-MiniLM-L6-v2", "env": env_report(),
                            "sentences": len(sentences), "batch_size": args.batch_size,
                            "threads": torch.get_num_threads(), "rounds": args.rounds}
-    doc["rows"] = bench_rows(args, folder, sentences)
+    args.output.mkdir(parents=True, exist_ok=True)
+    doc["rows"] = bench_rows(args, folder, sentences) if args.rows else {}
+    # written now too, so a failure in the Ray part keeps the rows' numbers
+    (args.output / "encode.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
     if args.ray:
         doc["ray_vs_local"] = bench_ray(args, folder, sentences, args.output)
-    args.output.mkdir(parents=True, exist_ok=True)
     note = chart(doc, args.output / "encode.png")
     if note:
         doc["chart"] = note
