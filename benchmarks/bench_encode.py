@@ -184,7 +184,7 @@ def bench_ray(args: argparse.Namespace, folder: Path, sentences: list[str], out:
         ray_s = time.perf_counter() - t0
     finally:
         ray.shutdown()
-    ids = pq.read_table(work / "ray.parquet", columns=["id"]).column("id").to_pylist()
+    ids = pq.read_table(work / "ray.parquet", columns=["id"]).column("id").to_pylist()  # skips _files
     n = len(sentences)
     return {"optimize_folder_s": round(optimize_s, 2), "cluster_start_s": round(cluster_s, 2),
             "local": {"seconds_end_to_end": round(local_s, 2), "model_load_s": round(load_s, 2),

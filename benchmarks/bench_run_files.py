@@ -108,7 +108,7 @@ def check_output(out: Path, rows: int, bad: dict[int, str]) -> dict[str, Any]:
         for line in part.open():
             i = json.loads(line)["id"]
             seen[i] = seen.get(i, 0) + 1
-    errors = [json.loads(line) for line in (out / "errors.jsonl").open()]
+    errors = [json.loads(line) for line in (out / "_errors.jsonl").open()]
     for e in errors:
         seen[e["id"]] = seen.get(e["id"], 0) + 1
     wrong_reason = [e["id"] for e in errors if bad.get(e["id"], "@") not in e["error"]]

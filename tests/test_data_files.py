@@ -50,7 +50,7 @@ def _read_parts(out, fmt):
             import csv
 
             rows += list(csv.DictReader(path.open()))
-    errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    errors = [json.loads(line) for line in (out / "_errors.jsonl").read_text().splitlines()]
     return rows, errors
 
 

@@ -46,7 +46,7 @@ def _input(tmp_path, n, bad=True):
 
 def _outputs(out):
     table = pq.read_table(sorted(out.glob("*.parquet")))
-    errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    errors = [json.loads(line) for line in (out / "_errors.jsonl").read_text().splitlines()]
     return table, errors
 
 

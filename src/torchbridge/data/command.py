@@ -24,7 +24,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context-column", default=None,
                    help="question answering: the context column (--text-column is the question)")
     p.add_argument("--output", type=Path, required=True,
-                   help="folder for part-NNNNN files, errors.jsonl and _summary.json")
+                   help="folder for part-NNNNN files, _errors.jsonl and _summary.json")
     p.add_argument("--format", choices=FORMATS, default=None,
                    help="output format (default: the output folder's suffix, else the input's)")
     p.add_argument("--shard-rows", type=_positive, default=10_000,

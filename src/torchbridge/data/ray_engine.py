@@ -5,7 +5,7 @@ model once (a folder written by ``torchbridge optimize`` loads with its saved pl
 pass), sets torch's threads to the CPUs Ray gave it, and turns a block of rows into the same rows
 with result columns, or with a reason in the ``error`` column. :func:`run_ray` is ``torchbridge run
 --engine ray``: Parquet in, Parquet out, then the bad rows are moved from the output to
-``errors.jsonl`` so every input row ends up exactly once.
+``_errors.jsonl`` so every input row ends up exactly once.
 
 Sizing: Ray's file listing, read and write tasks need CPUs of their own while the actors hold
 theirs; a pool that takes every CPU of a node leaves them none and the job hangs (Ray Data's file
@@ -113,7 +113,7 @@ def _pool_size(ray: Any, spec: RaySpec) -> tuple[int, float]:
 
 def run_ray(model: str, run_spec: Any, spec: RaySpec) -> dict[str, Any]:
     """``torchbridge run --engine ray``: read Parquet, map with an actor pool, write Parquet, then
-    move bad rows to ``errors.jsonl``. ``run_spec`` is the same RunSpec the local engine takes."""
+    move bad rows to ``_errors.jsonl``. ``run_spec`` is the same RunSpec the local engine takes."""
     ray = _ray()
     from ray.data import ActorPoolStrategy
 
@@ -161,14 +161,14 @@ def run_ray(model: str, run_spec: Any, spec: RaySpec) -> dict[str, Any]:
                "this_run": {"rows_processed": counts["ok"] + counts["errors"],
                             "seconds": round(seconds, 3), "map_and_write_s": round(mapped_s, 3),
                             "rows_per_s": round((counts["ok"] + counts["errors"]) / seconds, 1)},
-               "output": str(out), "errors_file": str(out / "errors.jsonl")}
+               "output": str(out), "errors_file": str(out / "_errors.jsonl")}
     (out / "_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
 def split_errors(out: Path, column: str) -> dict[str, int]:
     """Move rows with a non-null ``column`` from the Parquet files in ``out`` to
-    ``out/errors.jsonl``. Reads only that column of files without errors; a file with errors is
+    ``out/_errors.jsonl``. Reads only that column of files without errors; a file with errors is
     rewritten without them (its error file first, both atomically, so a rerun after a kill
     produces the same result)."""
     import pyarrow.compute as pc
@@ -192,8 +192,8 @@ def split_errors(out: Path, column: str) -> dict[str, int]:
         ok += pq.ParquetFile(path).metadata.num_rows
     for part in sorted(error_dir.glob("*.jsonl")):
         errors += sum(1 for _ in part.open())
-    with open(out / "errors.jsonl.tmp", "w", encoding="utf-8") as merged:
+    with open(out / "_errors.jsonl.tmp", "w", encoding="utf-8") as merged:
         for part in sorted(error_dir.glob("*.jsonl")):
             merged.write(part.read_text(encoding="utf-8"))
-    os.replace(out / "errors.jsonl.tmp", out / "errors.jsonl")
+    os.replace(out / "_errors.jsonl.tmp", out / "_errors.jsonl")
     return {"ok": ok, "errors": errors}

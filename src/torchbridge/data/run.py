@@ -2,10 +2,10 @@
 
 The input is read as a stream of shards (``--shard-rows`` rows each). Each shard's results are
 written to ``DIR/part-NNNNN.<fmt>`` (the input's columns with the result columns next to them) and
-its bad rows to ``DIR/errors-NNNNN.jsonl`` (row number, reason, the row's other columns); then a
+its bad rows to ``DIR/_errors/NNNNN.jsonl`` (row number, reason, the row's other columns); then a
 marker ``DIR/_done/NNNNN.json`` records the shard as finished. A rerun after a kill skips the
 shards with a marker and redoes the rest, so every input row ends up exactly once: in a part or in
-an errors file. At the end, ``DIR/errors.jsonl`` gathers all errors and ``DIR/_summary.json`` the
+an errors file. At the end, ``DIR/_errors.jsonl`` gathers all errors and ``DIR/_summary.json`` the
 counts and rows/s.
 """
 
@@ -25,7 +25,8 @@ from torchbridge.data.table import Options, arrow_types, result_columns, run_blo
 JOB_FILE = "_job.json"
 DONE_DIR = "_done"
 SUMMARY_FILE = "_summary.json"
-ERRORS_FILE = "errors.jsonl"
+ERRORS_FILE = "_errors.jsonl"
+ERRORS_DIR = "_errors"  # per-shard error files; names starting with _ are skipped by Parquet readers
 # Fields of the job that decide which rows land in which shard: a rerun must match them.
 _JOB_KEYS = ("input", "input_bytes", "text_column", "context_column", "shard_rows", "task", "format")
 
@@ -85,6 +86,7 @@ def _claim_output(out: Path, job: dict[str, Any]) -> None:
         raise ValueError(f"--output {out} exists and is not a torchbridge run folder; choose an "
                          "empty or new folder")
     (out / DONE_DIR).mkdir(parents=True, exist_ok=True)
+    (out / ERRORS_DIR).mkdir(exist_ok=True)
     files.write_jsonl([job], job_file)  # one line of JSON, written atomically
 
 
@@ -145,7 +147,7 @@ def run_file(model: Any, spec: RunSpec) -> dict[str, Any]:
                 files.write_rows(ok_rows, outcome.columns, out / f"part-{k:05d}.{fmt_out}", fmt_out,
                                  schema=schema, types=types)
             if errors:
-                files.write_jsonl(_error_rows(shard, start, errors), out / f"errors-{k:05d}.jsonl")
+                files.write_jsonl(_error_rows(shard, start, errors), out / ERRORS_DIR / f"{k:05d}.jsonl")
             files.write_jsonl([{"shard": k, "first_row": start, "rows": len(shard),
                                 "ok": len(ok_rows), "errors": len(errors)}], marker)
             processed += len(shard)
@@ -172,7 +174,7 @@ def _bar(spec: RunSpec, fmt: str):
 
 def _finish(out: Path, t0: float, **counts: int) -> dict[str, Any]:
     markers = [json.loads(p.read_text()) for p in sorted((out / DONE_DIR).glob("*.json"))]
-    error_files = sorted(out.glob("errors-*.jsonl"))
+    error_files = sorted((out / ERRORS_DIR).glob("*.jsonl"))
     with open(out / (ERRORS_FILE + ".tmp"), "w", encoding="utf-8") as merged:
         for path in error_files:
             merged.write(path.read_text(encoding="utf-8"))
