@@ -161,6 +161,7 @@ def bench_ray(args: argparse.Namespace, folder: Path, sentences: list[str], out:
     optimizer.save_pretrained(optimizer.optimize(str(folder), task="feature-extraction"), saved,
                               source=str(folder))
     optimize_s = time.perf_counter() - t0
+    sentences = sentences * args.ray_repeat  # more rows: the actor's fixed start-up cost amortizes
     src = work / "sentences.parquet"
     pq.write_table(pa.table({"id": list(range(len(sentences))), "text": sentences}), src,
                    row_group_size=1000)
@@ -186,7 +187,7 @@ def bench_ray(args: argparse.Namespace, folder: Path, sentences: list[str], out:
         ray.shutdown()
     ids = pq.read_table(work / "ray.parquet", columns=["id"]).column("id").to_pylist()  # skips _files
     n = len(sentences)
-    return {"optimize_folder_s": round(optimize_s, 2), "cluster_start_s": round(cluster_s, 2),
+    return {"rows": n, "optimize_folder_s": round(optimize_s, 2), "cluster_start_s": round(cluster_s, 2),
             "local": {"seconds_end_to_end": round(local_s, 2), "model_load_s": round(load_s, 2),
                       "rows_per_s": round(n / local_s, 1), "summary": local},
             "ray": {"seconds_end_to_end": round(ray_s, 2), "rows_per_s": round(n / ray_s, 1),
@@ -227,6 +228,8 @@ def main() -> int:
     p.add_argument("--warmup-sentences", type=int, default=512, help="first call, not timed")
     p.add_argument("--rows", default=f"{REFERENCE},{BASELINE},st_onnx,torchbridge,torchbridge_int8")
     p.add_argument("--ray", action="store_true", help="also local vs Ray engine over Parquet")
+    p.add_argument("--ray-repeat", type=int, default=1,
+                   help="Ray vs local: the sentences repeated N times (rows with new ids)")
     p.add_argument("--output", type=Path, default=Path("bench-results/encode"))
     args = p.parse_args()
     if args.threads:
