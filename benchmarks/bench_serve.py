@@ -183,6 +183,8 @@ def chart(doc: dict, path: Path) -> str | None:
     except ImportError:
         return "matplotlib is not installed: no chart (pip install torchbridge[bench])"
     parts = [k for k in ("embeddings", "completions") if doc.get(k)]
+    if not parts:
+        return "no HTTP load results to chart (engine rows are in serve.json)"
     fig, axes = plt.subplots(1, len(parts), figsize=(6 * len(parts), 4), squeeze=False)
     for ax, part in zip(axes[0], parts, strict=True):
         rows = doc[part]["rows"]
@@ -311,6 +313,58 @@ def bench_completions(args, sentences: list[str], doc: dict) -> None:
                                                              "tokens_per_s")}
 
 
+def bench_engine(args, sentences: list[str], doc: dict) -> None:
+    """The continuous-batching engine without HTTP: the same greedy requests through
+    `ContinuousBatcher` with `--gen-concurrency` slots (all requests queued at once, admitted
+    as slots free up) vs one slot. Aggregate new tokens/s; a model loaded with transformers
+    (fp32, no optimize / warm-up), so that this part fits a busy machine."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from torchbridge.bench.assets.smollm2 import smollm2_dir
+    from torchbridge.generation.continuous import ContinuousBatcher, GenerationRequest
+
+    folder = loadable_smollm2(smollm2_dir(), args.output / "SmolLM2-135M-Instruct")
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None  # every request makes max_tokens tokens
+    rows = []
+    for c in args.gen_concurrency:
+        n = max(args.gen_requests, 2 * c)
+        prompts = [tok(sentences[i])["input_ids"] for i in range(n)]
+        for slots in dict.fromkeys((c, 1)):
+            batcher = ContinuousBatcher(model, slots=slots, max_length=512)
+            batcher.add(GenerationRequest(prompts[0], 2, {"do_sample": False}))  # warm-up
+            while batcher.active:
+                batcher.step()
+            queue = [GenerationRequest(p, args.max_tokens, {"do_sample": False})
+                     for p in prompts]
+            done, t0 = 0, time.perf_counter()
+            deadline = t0 + args.level_seconds * 4
+            pending = list(queue)
+            while (pending or batcher.active) and time.perf_counter() < deadline:
+                while pending and batcher.free_slots:
+                    batcher.add(pending.pop(0))
+                batcher.step()
+            wall = time.perf_counter() - t0
+            done = [r for r in queue if r.finished]
+            tokens = sum(len(r.tokens) for r in queue)
+            row = {"slots": slots, "concurrency": c, "requests": n, "finished": len(done),
+                   "new_tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall}
+            print(f"  engine c={c:3d} slots={slots:3d}: {row['tokens_per_s']:7.1f} tok/s "
+                  f"({len(done)}/{n} finished in {wall:.1f} s)", flush=True)
+            rows.append(row)
+    ratio = {}
+    for c in args.gen_concurrency:
+        one = [r for r in rows if r["concurrency"] == c and r["slots"] == 1]
+        many = [r for r in rows if r["concurrency"] == c and r["slots"] == c]
+        if one and many and c > 1:
+            ratio[c] = many[0]["tokens_per_s"] / one[0]["tokens_per_s"]
+    doc["engine"] = {"model": "SmolLM2-135M-Instruct (fp32, transformers weights)",
+                     "max_tokens": args.max_tokens, "rows": rows,
+                     "speedup_vs_one_slot": ratio}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--output", type=Path, default=ROOT / "bench-results" / "serve")
@@ -348,11 +402,12 @@ def main() -> None:
     out = args.output / "serve.json"
     if out.exists():  # a run of one part keeps the other part's results
         previous = json.loads(out.read_text())
-        for part in ("embeddings", "completions"):
+        for part in ("embeddings", "completions", "engine"):
             if part not in what and part in previous:
                 doc[part] = previous[part]
                 doc[f"{part}_command"] = previous.get(f"{part}_command", previous.get("command"))
-    for part, run in (("embeddings", bench_embeddings), ("completions", bench_completions)):
+    for part, run in (("embeddings", bench_embeddings), ("completions", bench_completions),
+                      ("engine", bench_engine)):
         if part in what:
             run(args, sentences, doc)
             doc[f"{part}_command"] = doc["command"]
