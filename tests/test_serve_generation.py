@@ -164,3 +164,23 @@ def test_shutdown_drains_in_flight_requests(lm):
     assert replies and replies[0].status_code == 200
     assert replies[0].json()["usage"]["completion_tokens"] >= 1
     assert replies[0].json()["choices"][0]["finish_reason"] in ("length", "stop")
+
+
+def test_no_batching_decodes_one_sequence_at_a_time(lm):
+    app = create_app(lm, ServeSettings(model_id="tiny", batching=False, max_model_len=64))
+    assert app.state.server.engine.batcher.slots == 1
+
+    async def main(url):
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            return await asyncio.gather(*(
+                client.post("/v1/completions", json={"prompt": p, "max_tokens": 6,
+                                                     "temperature": 0}) for p in PROMPTS[:3]))
+
+    with running(app) as (url, _):
+        replies = asyncio.run(main(url))
+        for r, p in zip(replies, PROMPTS, strict=False):
+            assert r.json()["choices"][0]["text"] == _greedy(lm, lm.tokenizer(p)["input_ids"], 6)
+        m = httpx.get(url + "/metrics").text
+        steps = metric(m, "torchbridge_batch_size_count", queue="generate")
+        assert steps > 0
+        assert metric(m, "torchbridge_batch_size_bucket", queue="generate", le="1.0") == steps
