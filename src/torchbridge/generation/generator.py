@@ -292,6 +292,11 @@ class FastGenerator:
             return input_ids.ne(pad).long()
         return torch.ones_like(input_ids)
 
+    def reserve(self, batch: int, length: int) -> None:
+        """Allocate the KV cache for ``batch`` sequences of ``length`` tokens now, so a warm-up of a
+        few tokens compiles the decode step for the cache real requests of that size will use."""
+        self._cache(batch, length)
+
     def _cache(self, batch: int, needed: int) -> StaticKVCache:
         # Reuse the smallest cache already allocated (and compiled for) that has room: a shorter
         # request then costs a little extra attention over masked slots instead of a new compile.
