@@ -180,3 +180,21 @@ def test_int8_dynamic_keeps_layers_in_float_until_the_gate_passes():
     with pytest.raises(Int8AccuracyError, match="fails the accuracy gate"):
         TextModelOptimizer(no_compile(dtype=torch.float32, quantization="int8-dynamic",
                                       verify_tolerance=1e-12)).optimize(model)
+
+
+@pytest.mark.parametrize("mode, objective", [("throughput", "speed"), ("memory", "size")])
+def test_modes_pick_the_precision_by_measurement(tiny_bert, mode, objective):
+    opt = TextModelOptimizer(TextModelConfig(optimization_mode=mode, use_torch_compile=False,
+                                             warmup_steps=1, warmup_seq_len=16))
+    opt.optimize(tiny_bert)
+    info = opt.get_optimization_info()
+    table = info["precision_search"]
+    assert table and info["verify"]["passed"]
+    passing = [row for row in table if row["passed"]]
+    if objective == "speed":
+        assert all("median_ms" in row for row in passing)
+        fastest = min(passing, key=lambda row: row["median_ms"])
+        assert info["precision"] == fastest["precision"] and "fastest" in info["dtype_reason"]
+    else:  # candidates in order of bytes per parameter: the first that passes wins
+        assert table[-1]["passed"] and info["precision"] == table[-1]["precision"]
+        assert info["precision"] == "int8-dynamic" and "smallest" in info["dtype_reason"]

@@ -128,6 +128,7 @@ class TextModelOptimizer:
             from .selection import select_precision
 
             plan = select_precision(self, source, reference, family, plan, report, batch, text)
+            report.plan = plan
         model = self.apply(source, plan, report, family, batch)
         if reference is not None:
             report.verify = self.verify(model, reference, plan, family, batch, text, report)
