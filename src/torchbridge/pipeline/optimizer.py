@@ -129,6 +129,10 @@ class TextModelOptimizer:
 
             plan = select_precision(self, source, reference, family, plan, report, batch, text)
             report.plan = plan
+        elif plan.select_precision:
+            report.notes.append(f"select_precision={plan.select_precision!r} not applied: choosing "
+                                "a precision needs the gate, and verify is off or has no inputs; "
+                                f"kept {plan.precision_name}")
         model = self.apply(source, plan, report, family, batch)
         if reference is not None:
             report.verify = self.verify(model, reference, plan, family, batch, text, report)
