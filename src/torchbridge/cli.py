@@ -28,7 +28,8 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
-def _positive(value: str) -> int:
+def positive_int(value: str) -> int:
+    """argparse type for counts: a whole number >= 1 (shared by every subcommand's options)."""
     try:
         n = int(value)
     except ValueError:
@@ -82,15 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("benchmark", help="baseline vs optimized vs peers, in one run")
     p.add_argument("model", help="hub name (offline cache) or local folder")
     _add_model_options(p)
-    p.add_argument("--batch-size", type=_positive, default=None,
+    p.add_argument("--batch-size", type=positive_int, default=None,
                    help="default 8 for encoders, 1 for generation")
-    p.add_argument("--seq-len", type=_positive, default=None,
+    p.add_argument("--seq-len", type=positive_int, default=None,
                    help="sequence length (encoders, default 128) or prompt length (default 8)")
-    p.add_argument("--new-tokens", type=_positive, default=50, help="tokens to generate")
+    p.add_argument("--new-tokens", type=positive_int, default=50, help="tokens to generate")
     p.add_argument("--compare", default="all",
                    help="peers: all, none or a comma list of hf-sdpa, torch-compile, ort, "
                         "ort-int8, ct2, ct2-int8, openvino")
-    p.add_argument("--runs", type=_positive, default=10, help="timed calls per row")
+    p.add_argument("--runs", type=positive_int, default=10, help="timed calls per row")
     p.add_argument("--warmup", type=int, default=2, help="discarded calls after the first")
     p.add_argument("--no-padded", action="store_true",
                    help="time only full-length inputs, not the mixed-length batch")
@@ -99,14 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print results.json instead of the table")
     p.add_argument("--no-compile", action="store_true",
                    help="optimized row without torch.compile (the mode's preset otherwise)")
-    p.add_argument("--threads", type=_positive, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads for every row (default: torch's default)")
 
     p = sub.add_parser("generate", help="generate text with the optimized model")
     p.add_argument("model")
     p.add_argument("prompt")
     _add_model_options(p)
-    p.add_argument("--max-new-tokens", type=_positive, default=50)
+    p.add_argument("--max-new-tokens", type=positive_int, default=50)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)

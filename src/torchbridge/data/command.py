@@ -8,14 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from torchbridge.cli import positive_int
 from torchbridge.data.files import FORMATS
-
-
-def _positive(value: str) -> int:
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return n
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,15 +21,15 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="folder for part-NNNNN files, _errors.jsonl and _summary.json")
     p.add_argument("--format", choices=FORMATS, default=None,
                    help="output format (default: the output folder's suffix, else the input's)")
-    p.add_argument("--shard-rows", type=_positive, default=10_000,
+    p.add_argument("--shard-rows", type=positive_int, default=10_000,
                    help="rows per output shard, the unit a rerun resumes by (default 10000)")
-    p.add_argument("--batch-size", type=_positive, default=None, help="rows per batch at most")
-    p.add_argument("--max-batch-tokens", type=_positive, default=None,
+    p.add_argument("--batch-size", type=positive_int, default=None, help="rows per batch at most")
+    p.add_argument("--max-batch-tokens", type=positive_int, default=None,
                    help="padded tokens per batch at most (default 8192 when no --batch-size)")
     p.add_argument("--no-truncation", action="store_true",
                    help="send over-long texts to the errors file instead of truncating them")
     p.add_argument("--normalize", action="store_true", help="embeddings: L2-normalize")
-    p.add_argument("--max-new-tokens", type=_positive, default=50, help="causal LMs: new tokens")
+    p.add_argument("--max-new-tokens", type=positive_int, default=50, help="causal LMs: new tokens")
     p.add_argument("--prefix", default="", help="prefix for the result columns' names")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -43,7 +37,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", choices=("local", "ray"), default="local",
                    help="local: this process; ray: Ray Data actors (Parquet in and out)")
     p.add_argument("--address", default=None, help="ray: cluster address (default: start a local one)")
-    p.add_argument("--actors", type=_positive, default=None, help="ray: actor pool size")
+    p.add_argument("--actors", type=positive_int, default=None, help="ray: actor pool size")
     p.add_argument("--cpus-per-actor", type=float, default=None, help="ray: CPUs per actor")
     p.add_argument("--gpus-per-actor", type=float, default=None, help="ray: GPUs per actor")
 

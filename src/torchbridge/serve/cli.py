@@ -7,17 +7,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from torchbridge.cli import positive_int
+
 __all__ = ["add_arguments", "serve"]
-
-
-def _positive(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return n
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,15 +20,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (0 = any free port)")
-    p.add_argument("--max-batch-tokens", type=_positive, default=d.max_batch_tokens,
+    p.add_argument("--max-batch-tokens", type=positive_int, default=d.max_batch_tokens,
                    help="encoders: input tokens per model call")
     p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
                    help="encoders: longest wait for a batch to fill")
-    p.add_argument("--max-queue", type=_positive, default=d.max_queue,
+    p.add_argument("--max-queue", type=positive_int, default=d.max_queue,
                    help="requests waiting beyond this get 429 with Retry-After")
-    p.add_argument("--slots", type=_positive, default=d.slots,
+    p.add_argument("--slots", type=positive_int, default=d.slots,
                    help="causal LMs: sequences decoded together (continuous batching)")
-    p.add_argument("--max-model-len", type=_positive, default=d.max_model_len,
+    p.add_argument("--max-model-len", type=positive_int, default=d.max_model_len,
                    help="causal LMs: tokens per sequence, prompt + new (KV cache per slot)")
     p.add_argument("--no-batching", action="store_true",
                    help="one request per model call / one decoder slot (baseline)")
