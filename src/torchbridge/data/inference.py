@@ -18,6 +18,7 @@ import torch
 from torchbridge.data import heads
 from torchbridge.data.pooling import pool, pooling_for
 from torchbridge.data.texts import Encoded, InputError, collate, max_tokens, plan_batches, tokenize
+from torchbridge.pipeline.checks import max_positions
 
 OUTPUTS = ("numpy", "torch", "list")
 PREDICT_TASKS = ("sequence-classification", "token-classification", "question-answering")
@@ -61,10 +62,11 @@ def _batches(model: Any, enc: Encoded, *, batch_size: int | None, max_batch_toke
     lengths = [enc.length(r) for r in range(len(enc.index))]
     bar = _progress(len(lengths), progress, desc)
     pad = _pad_id(_tokenizer(model), model)
+    positions = max_positions(model.config)
     try:
         for rows in plan_batches(lengths, batch_size=batch_size, max_batch_tokens=max_batch_tokens):
             yield rows, collate([enc.features[r] for r in rows], pad, side=side, keys=keys,
-                                device=model.device)
+                                device=model.device, max_width=positions)
             if bar is not None:
                 bar.update(len(rows))
     finally:

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from torchbridge.pipeline.padding import bucketed
+
 # Tokens per batch (rows x longest row) when the caller gives neither budget nor batch size: large
 # enough that per-call overhead is small next to the matmuls, small enough for a laptop's cache.
 DEFAULT_BATCH_TOKENS = 8192
@@ -159,9 +161,14 @@ _PAD_VALUES = {"attention_mask": 0, "token_type_ids": 0, "special_tokens_mask": 
 
 def collate(features: Sequence[dict[str, list[Any]]], pad_id: int, *, side: str = "right",
             keys: Sequence[str] = ("input_ids", "token_type_ids"),
-            device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Pad rows to the batch's longest row; ``attention_mask`` marks the real tokens."""
+            device: torch.device | str = "cpu", max_width: int | None = None
+            ) -> dict[str, torch.Tensor]:
+    """Pad rows to the batch's longest row; ``attention_mask`` marks the real tokens. With
+    ``max_width`` (the model's positions), right-padded widths are rounded up to the pipeline's
+    length bucket so a long run meets a bounded set of shapes (see pipeline/padding.py)."""
     width = max(len(f["input_ids"]) for f in features)
+    if side == "right" and max_width is not None:
+        width = max(width, bucketed(width, max_width))
     out: dict[str, torch.Tensor] = {}
     present = [k for k in keys if k in features[0]]
     for key in [*present, "attention_mask"]:
