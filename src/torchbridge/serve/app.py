@@ -215,18 +215,23 @@ def create_app(model: Any, settings: ServeSettings) -> Any:
                                             "created": server.created, "owned_by": "torchbridge",
                                             "task": server.task}]}
 
-    @app.post("/v1/embeddings", dependencies=guarded)
-    async def embeddings(body: EmbeddingRequest, request: Request) -> JSONResponse:
-        server.check_model(body.model)
-        batcher = server.need(server.embedder, "/v1/embeddings", "an encoder model")
+    async def _batched(body: Any, request: Request, batcher: Any) -> tuple[list, int]:
+        """One request's texts through the encoder queue: validated, counted, shed when full."""
         texts = [body.input] if isinstance(body.input, str) else list(body.input)
         n_tokens = server.count_tokens(texts, "input")
         try:
             task = asyncio.ensure_future(batcher.submit(texts, n_tokens))
-            vectors = await _until_disconnect(request, task)
+            results = await _until_disconnect(request, task)
         except QueueFull as err:
             raise _shed(err) from None
         server.metrics.count_tokens("input", n_tokens)
+        return results, n_tokens
+
+    @app.post("/v1/embeddings", dependencies=guarded)
+    async def embeddings(body: EmbeddingRequest, request: Request) -> JSONResponse:
+        server.check_model(body.model)
+        batcher = server.need(server.embedder, "/v1/embeddings", "an encoder model")
+        vectors, n_tokens = await _batched(body, request, batcher)
         data = []
         for i, v in enumerate(vectors):
             v = np.asarray(v, dtype=np.float32)
@@ -241,14 +246,7 @@ def create_app(model: Any, settings: ServeSettings) -> Any:
     async def classify(body: ClassifyRequest, request: Request) -> dict:
         server.check_model(body.model)
         batcher = server.need(server.classifier, "/v1/classify", "a classification model")
-        texts = [body.input] if isinstance(body.input, str) else list(body.input)
-        n_tokens = server.count_tokens(texts, "input")
-        try:
-            task = asyncio.ensure_future(batcher.submit(texts, n_tokens))
-            results = await _until_disconnect(request, task)
-        except QueueFull as err:
-            raise _shed(err) from None
-        server.metrics.count_tokens("input", n_tokens)
+        results, n_tokens = await _batched(body, request, batcher)
         key = "entities" if server.task == "token-classification" else "result"
         data = []
         for i, r in enumerate(results):
