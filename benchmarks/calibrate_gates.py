@@ -6,7 +6,11 @@ real review sentences with the same measures the gates use (cosine and argmax fo
 teacher-forced next-token agreement, mean KL and top-5 overlap for the decoder). The thresholds in
 ``torchbridge.precisions`` were set from these values; docs/precisions.md lists them.
 
-    python benchmarks/calibrate_gates.py [--sentences 128] [--output bench-results/gates.json]
+    python benchmarks/calibrate_gates.py [--sentences 128] [--device auto]
+                                         [--output bench-results/gates.json]
+
+The fp32 reference always runs on the CPU; ``--device`` places the optimized candidates (a
+precision the device cannot compute is listed with the reason).
 """
 
 from __future__ import annotations
@@ -30,13 +34,15 @@ from torchbridge.precisions import PrecisionNotSupportedError, precision
 CANDIDATES = {  # (dtype, weight format) per model kind
     "encoder": [(torch.float32, None), (torch.bfloat16, None), (torch.float16, None),
                 (torch.float32, "int8-dynamic"), (torch.bfloat16, "int8-dynamic"),
-                (torch.float32, "int8-weight-only")],
-    "causal-lm": [(torch.float32, None), (torch.bfloat16, None), (torch.float32, "int8-weight-only"),
-                  (torch.bfloat16, "int8-weight-only")],
+                (torch.float32, "int8-weight-only"), (torch.bfloat16, "fp8-weight-only")],
+    "causal-lm": [(torch.float32, None), (torch.bfloat16, None), (torch.float16, None),
+                  (torch.float32, "int8-weight-only"), (torch.bfloat16, "int8-weight-only"),
+                  (torch.bfloat16, "fp8-weight-only")],
 }
 
 
-def _measure(folder: Path, task: str, kind: str, batch: dict[str, torch.Tensor]) -> list[dict]:
+def _measure(folder: Path, task: str, kind: str, batch: dict[str, torch.Tensor],
+             device: str) -> list[dict]:
     reference = load_model(folder, task)
     with torch.no_grad():
         ref_out = reference(**batch)
@@ -45,7 +51,7 @@ def _measure(folder: Path, task: str, kind: str, batch: dict[str, torch.Tensor])
         name = fmt or {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
         label = f"{name} over {str(dtype).replace('torch.', '')}" if fmt else name
         config = TextModelConfig(dtype=dtype, quantization=fmt, use_torch_compile=False,
-                                 warmup_steps=0, verify=True)
+                                 warmup_steps=0, verify=True, device=device)
         opt = TextModelOptimizer(config)
         t0 = time.perf_counter()
         try:
@@ -54,7 +60,7 @@ def _measure(folder: Path, task: str, kind: str, batch: dict[str, torch.Tensor])
             rows.append({"precision": label, "error": f"{type(err).__name__}: {err}"[:300]})
             continue
         with torch.no_grad():
-            out = model(**batch)
+            out = model(**{k: v.to(opt.plan.device.torch_device) for k, v in batch.items()})
         gate = precision(fmt).gate if fmt else precision(name).gate
         if kind == "encoder":
             wide = compare_encoder(ref_out, out, batch["attention_mask"], gate, text="real text")
@@ -74,11 +80,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sentences", type=int, default=128)
     parser.add_argument("--output", type=Path, default=Path("bench-results/gates.json"))
+    parser.add_argument("--device", default="auto", help="where the optimized candidates run")
     parser.add_argument("--models", nargs="+", default=["minilm", "smollm2"],
                         choices=["minilm", "smollm2"])
     args = parser.parse_args()
     sentences = review_sentences(args.sentences)
-    doc: dict = {"env": env_report(), "sentences": len(sentences), "models": {}}
+    doc: dict = {"env": env_report(args.device), "sentences": len(sentences), "models": {}}
     models = {"minilm": ("all-MiniLM-L6-v2", minilm_dir, "feature-extraction", "encoder"),
               "smollm2": ("SmolLM2-135M", smollm2_dir, "causal-lm", "causal-lm")}
     for label, fetch, task, kind in (models[m] for m in args.models):
@@ -93,7 +100,7 @@ def main() -> None:
         batch = dict(tokenizer(sentences, padding=True, truncation=True, max_length=96,
                                return_tensors="pt"))
         batch = {k: batch[k] for k in ("input_ids", "attention_mask")}
-        doc["models"][label] = _measure(folder, task, kind, batch)
+        doc["models"][label] = _measure(folder, task, kind, batch, args.device)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(doc, indent=2, default=str) + "\n")
     print(f"wrote {args.output}")

@@ -198,3 +198,14 @@ def test_modes_pick_the_precision_by_measurement(tiny_bert, mode, objective):
     else:  # candidates in order of bytes per parameter: the first that passes wins
         assert table[-1]["passed"] and info["precision"] == table[-1]["precision"]
         assert info["precision"] == "int8-dynamic" and "smallest" in info["dtype_reason"]
+
+
+def test_roberta_positions_start_after_the_padding_rows():
+    """RoBERTa numbers positions from padding_idx + 1: a 128-row table takes 126 tokens, and the
+    plan, the warm-up and the input check all use that limit."""
+    model = tiny_model("roberta", "feature-extraction")  # max_position_embeddings=128, pad id 1
+    opt = TextModelOptimizer(TextModelConfig(use_torch_compile=False, warmup_seq_len=512))
+    optimized = opt.optimize(model, task="feature-extraction")
+    assert opt.plan.max_sequence_length == 126 and opt.plan.warmup_shape[1] == 126
+    with pytest.raises(ValueError, match="126"):
+        optimized(input_ids=torch.full((1, 127), 5))

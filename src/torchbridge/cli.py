@@ -72,6 +72,8 @@ def _model_config(args: argparse.Namespace, **extra: Any) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from torchbridge.bench.peers import PEERS
+
     parser = _Parser(prog="torchbridge", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -89,8 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequence length (encoders, default 128) or prompt length (default 8)")
     p.add_argument("--new-tokens", type=positive_int, default=50, help="tokens to generate")
     p.add_argument("--compare", default="all",
-                   help="peers: all, none or a comma list of hf-sdpa, torch-compile, ort, "
-                        "ort-int8, ct2, ct2-int8, openvino")
+                   help=f"peers: all, none or a comma list of {', '.join(PEERS)}")
     p.add_argument("--runs", type=positive_int, default=10, help="timed calls per row")
     p.add_argument("--warmup", type=int, default=2, help="discarded calls after the first")
     p.add_argument("--no-padded", action="store_true",

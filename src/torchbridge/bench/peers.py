@@ -141,6 +141,17 @@ def build_hf_sdpa(wl: Workload) -> Backend:
     return torch_backend(_sdpa_copy(wl), wl, "float32")
 
 
+def build_hf_half(wl: Workload) -> Backend:
+    """Plain transformers (SDPA) cast to the device's native half precision with ``.to(dtype)``:
+    the one-line speedup anyone tries first, so the lead over it is what the library adds."""
+    from torchbridge.backends import detect
+    from torchbridge.precisions.casting import half_dtype
+
+    dtype = half_dtype(detect(str(wl.device)))
+    model = _sdpa_copy(wl).to(dtype)
+    return torch_backend(model, wl, str(dtype).replace("torch.", ""), notes=".to(dtype), SDPA")
+
+
 def build_torch_compile(wl: Workload) -> Backend:
     """torch.compile alone, as each doc says: ``torch.compile(model)`` for a forward (PyTorch
     tutorial); for generation the transformers recipe, a static KV cache and
@@ -510,6 +521,7 @@ def build_ct2_int8(wl: Workload) -> Backend:
 PEERS: dict[str, tuple[Callable[[Workload], Backend], str | None]] = {
     # name -> (builder, the package it needs or None)
     "hf-sdpa": (build_hf_sdpa, None),
+    "hf-half": (build_hf_half, None),
     "torch-compile": (build_torch_compile, None),
     "ort": (build_ort, "onnxruntime"),
     "ort-int8": (build_ort_int8, "onnxruntime"),

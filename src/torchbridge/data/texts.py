@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from torchbridge.pipeline.checks import max_positions
 from torchbridge.pipeline.padding import bucketed
 
 # Tokens per batch (rows x longest row) when the caller gives neither budget nor batch size: large
@@ -51,9 +52,8 @@ def max_tokens(model: Any, tokenizer: Any) -> int:
     from torchbridge.data.pooling import pooling_for
 
     config = model.config
-    limits = [getattr(config, name, None) for name in ("max_position_embeddings", "n_positions")]
-    limits.append(pooling_for(model).max_seq_length)  # sentence_bert_config.json, when present
-    # RoBERTa-style tables reserve positions for padding: the tokenizer's limit is the usable one
+    # the position table (less RoBERTa's padding rows), sentence_bert_config.json, the tokenizer
+    limits = [max_positions(config), pooling_for(model).max_seq_length]
     limit_tok = getattr(tokenizer, "model_max_length", None)
     limits.append(limit_tok if isinstance(limit_tok, int) and limit_tok < 1_000_000 else None)
     usable = [x for x in limits if isinstance(x, int) and x > 0]

@@ -14,12 +14,18 @@ from typing import Any
 import torch
 from torch import nn
 
+# RoBERTa-style embeddings number positions from padding_idx + 1: that many rows of the position
+# table are never used by real tokens (roberta-base: 514 rows, 512 usable positions).
+_POSITIONS_AFTER_PADDING = frozenset({"roberta", "xlm-roberta", "camembert"})
+
 
 def max_positions(config: Any) -> int | None:
     """How many positions the model can embed (None: no absolute limit known)."""
     for name in ("max_position_embeddings", "n_positions"):
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:
+            if getattr(config, "model_type", None) in _POSITIONS_AFTER_PADDING:
+                value -= (getattr(config, "pad_token_id", None) or 0) + 1
             return value
     return None
 

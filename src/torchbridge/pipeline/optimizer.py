@@ -16,6 +16,7 @@ from torch import nn
 from torchbridge.families import MODULE, Family, canonical_task, family_of
 
 from . import saved
+from .checks import max_positions
 from .config import TextModelConfig, TextModelType
 from .decoding import left_padded_prompts, verify_generation
 from .loading import calibration_tokenizer, default_task, load_model, private_copy, task_of
@@ -97,8 +98,7 @@ class TextModelOptimizer:
 
         model_config = getattr(source, "config", None)
         plan = make_plan(
-            config, model_max_positions=getattr(model_config, "max_position_embeddings", None)
-            or getattr(model_config, "n_positions", None),
+            config, model_max_positions=max_positions(model_config) if model_config else None,
             supports_sdpa=bool(getattr(source, "_supports_sdpa", False)), kind=family.verify,
             saved=None if record is None else record["plan"],
         )
