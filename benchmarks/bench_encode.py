@@ -13,14 +13,25 @@ With ``--ray``, the same sentences also go through ``torchbridge run`` as a Parq
 the local engine and once on the Ray engine (a one-machine cluster), both loading the folder written
 by ``torchbridge optimize``; rows/s end to end including model load in both.
 
+With ``--long-rows N``, first (before any other row, so nothing else has grown the process) a long
+job on the default torchbridge model (bf16 on CPU): the sentences repeated and shuffled to N rows,
+encoded chunk by chunk with the default token budget, as a batch job or the file runner does. Process
+RSS is read after each chunk, with the distinct (rows, width) input shapes the model has met so far:
+oneDNN keeps kernels per shape, so memory is flat only if that set stops growing. Reported: RSS
+after the first quarter and at the end, peak RSS, rows/s. ``--rows ''`` runs the long job alone.
+
     python benchmarks/bench_encode.py --sentences 10000 --batch-size 32 --rounds 3 --ray \
         --output bench-results/encode
+    python benchmarks/bench_encode.py --rows '' --long-rows 20000 --threads 1 \
+        --output bench-results/encode-rss
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
+import resource
 import statistics
 import sys
 import tempfile
@@ -144,6 +155,51 @@ def bench_rows(args: argparse.Namespace, folder: Path, sentences: list[str]) -> 
     return rows
 
 
+def _rss_mib() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def bench_long(args: argparse.Namespace, folder: Path, sentences: list[str]) -> dict[str, Any]:
+    """RSS over a long encode job (see module docstring); checkpoints after every chunk."""
+    from torchbridge.data import encode
+    from torchbridge.models.text import create_optimized_text_model
+
+    rss_start = _rss_mib()
+    model = create_optimized_text_model(str(folder), task="feature-extraction")
+    texts = (sentences * (args.long_rows // len(sentences) + 1))[: args.long_rows]
+    random.Random(0).shuffle(texts)
+    shapes: set[tuple[int, int]] = set()  # what the model's layers meet, after padding trimming
+    model.model.get_input_embeddings().register_forward_hook(
+        lambda m, i, o: shapes.add(tuple(i[0].shape)))
+    rss_loaded = _rss_mib()
+    checkpoints, done, seconds = [], 0, 0.0
+    chunk = -(-len(texts) // args.long_chunks)
+    for start in range(0, len(texts), chunk):
+        part = texts[start:start + chunk]
+        t0 = time.perf_counter()
+        out = encode(model, part, progress=False)
+        seconds += time.perf_counter() - t0
+        assert out.shape[0] == len(part)
+        done += len(part)
+        checkpoints.append({"rows": done, "rss_mib": round(_rss_mib(), 1), "shapes": len(shapes)})
+        print(f"long job: {done} rows, RSS {checkpoints[-1]['rss_mib']} MiB, "
+              f"{len(shapes)} shapes", file=sys.stderr)
+    quarter = next(c for c in checkpoints if c["rows"] >= len(texts) / 4)
+    end = checkpoints[-1]
+    return {"rows": len(texts), "distinct_sentences": len(sentences), "chunk_rows": chunk,
+            "dtype": model.report.weight_dtype, "compiled": model.report.compiled,
+            "threads": torch.get_num_threads(),
+            "rss_before_load_mib": round(rss_start, 1), "rss_loaded_mib": round(rss_loaded, 1),
+            "rss_quarter_mib": quarter["rss_mib"], "rss_end_mib": end["rss_mib"],
+            "growth_after_quarter_mib": round(end["rss_mib"] - quarter["rss_mib"], 1),
+            # ru_maxrss is KiB on Linux: the process peak, model loading included
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "shapes_quarter": quarter["shapes"], "shapes_end": end["shapes"],
+            "rows_per_s": round(len(texts) / seconds, 1), "checkpoints": checkpoints}
+
+
 def bench_ray(args: argparse.Namespace, folder: Path, sentences: list[str], out: Path) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -230,6 +286,10 @@ def main() -> int:
     p.add_argument("--ray", action="store_true", help="also local vs Ray engine over Parquet")
     p.add_argument("--ray-repeat", type=int, default=1,
                    help="Ray vs local: the sentences repeated N times (rows with new ids)")
+    p.add_argument("--long-rows", type=int, default=0,
+                   help="also RSS over a long encode job of this many rows (0: off)")
+    p.add_argument("--long-chunks", type=int, default=20,
+                   help="the long job's chunks, one encode call and one RSS checkpoint each")
     p.add_argument("--output", type=Path, default=Path("bench-results/encode"))
     args = p.parse_args()
     if args.threads:
@@ -246,12 +306,14 @@ def main() -> int:
                            "sentences": len(sentences), "batch_size": args.batch_size,
                            "threads": torch.get_num_threads(), "rounds": args.rounds}
     args.output.mkdir(parents=True, exist_ok=True)
+    if args.long_rows:  # first: the RSS read is of this job alone
+        doc["long_job"] = bench_long(args, folder, review_sentences())
     doc["rows"] = bench_rows(args, folder, sentences) if args.rows else {}
     # written now too, so a failure in the Ray part keeps the rows' numbers
     (args.output / "encode.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
     if args.ray:
         doc["ray_vs_local"] = bench_ray(args, folder, sentences, args.output)
-    note = chart(doc, args.output / "encode.png")
+    note = chart(doc, args.output / "encode.png") if doc["rows"] else None
     if note:
         doc["chart"] = note
         print(note, file=sys.stderr)
@@ -261,6 +323,12 @@ def main() -> int:
             "sentences_per_s_median", "sentences_per_s_p90", "speedup_vs_st_torch",
             "cosine_to_fp32_min", "same_order_as_input", "setup_s", "first_call_s") if k in row)
             or row.get("error", "")))
+    if "long_job" in doc:
+        r = doc["long_job"]
+        print(f"long job ({r['rows']} rows, {r['dtype']}, {r['threads']} threads): RSS at 25% "
+              f"{r['rss_quarter_mib']} MiB, at end {r['rss_end_mib']} MiB "
+              f"({r['growth_after_quarter_mib']:+} MiB), peak {r['peak_rss_mib']} MiB, shapes "
+              f"{r['shapes_quarter']} -> {r['shapes_end']}, {r['rows_per_s']} rows/s")
     if "ray_vs_local" in doc:
         r = doc["ray_vs_local"]
         print(f"ray vs local: local {r['local']['rows_per_s']} rows/s, ray {r['ray']['rows_per_s']} "

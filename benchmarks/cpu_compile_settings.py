@@ -2,8 +2,9 @@
 
 Times BERT-base (random weights; speed does not depend on them) at batch 8 x 128 in bf16 (or
 --dtype) with SDPA: eager, torch.compile default, with inductor freezing, and with freezing +
-dynamic shapes (what TextModelOptimizer uses on CPU), each in this one process, median and p90
-after warm-up, compile time apart. Writes JSON:
+dynamic shapes (what TextModelOptimizer uses on CPU when compile is asked for), and the library's
+own model without compile, with and without ``use_amp`` (where the default path's time goes), each
+in this one process, median and p90 after warm-up, first call apart. Writes JSON:
 
     python benchmarks/cpu_compile_settings.py --output bench-results/cpu_compile_settings.json
 """
@@ -18,6 +19,7 @@ import torch
 
 from torchbridge.backends import describe, detect, synchronize
 from torchbridge.bench.harness import time_callable
+from torchbridge.models.text import TextModelConfig, TextModelOptimizer
 from torchbridge.pipeline.loading import load_model
 from torchbridge.precisions import DTYPE_NAMES
 
@@ -49,12 +51,21 @@ def main() -> None:
         "compile freezing": {"options": {"freezing": True}},
         "compile freezing + dynamic": {"options": {"freezing": True}, "dynamic": True},
     }
+    library = {"torchbridge use_amp=True": True, "torchbridge use_amp=False": False}
     rows = []
-    for name, kwargs in variants.items():
+    for name in [*variants, *library]:
         torch._dynamo.reset()
         model = load_model(args.model, "sequence-classification", random_weights=True,
-                           attn_implementation="sdpa").to(device, DTYPES[args.dtype])
-        forward = model.forward if kwargs is None else torch.compile(model.forward, **kwargs)
+                           attn_implementation="sdpa")
+        if name in library:  # the optimizer's path: cast, autocast per use_amp, trim, checks
+            config = TextModelConfig(device=args.device, dtype=DTYPES[args.dtype],
+                                     use_amp=library[name], use_torch_compile=False,
+                                     warmup_steps=0)
+            forward = TextModelOptimizer(config).optimize(model).forward
+        else:
+            model = model.to(device, DTYPES[args.dtype])
+            kwargs = variants[name]
+            forward = model.forward if kwargs is None else torch.compile(model.forward, **kwargs)
 
         def call(forward=forward):
             with torch.no_grad():

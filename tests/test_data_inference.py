@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import numpy as np
 import pytest
@@ -11,8 +12,9 @@ import torch
 from tests.conftest import tiny_model
 from torchbridge.data import heads
 from torchbridge.data.inference import encode, generate_text, predict
-from torchbridge.data.texts import plan_batches
+from torchbridge.data.texts import DEFAULT_BATCH_TOKENS, plan_batches
 from torchbridge.models.text import create_optimized_text_model
+from torchbridge.pipeline.padding import LENGTH_BUCKET, bucketed
 
 FAST = dict(use_torch_compile=False, warmup_steps=1, warmup_seq_len=16, verify=False,
             dtype=torch.float32)
@@ -115,6 +117,57 @@ def test_token_budget_batches_cover_every_row_once():
     assert [len(b) for b in plan_batches(lengths, batch_size=4)] == [4, 4, 1]
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         plan_batches(lengths, batch_size=0)
+
+
+def test_bounded_batches_cover_every_row_once_in_few_shapes():
+    """Right-padded batches (max_width given) take their row counts from a fixed set, so a long
+    run over texts of every length meets few shapes; filler only repeats a batch's last row."""
+    rng = random.Random(0)
+    for budget, batch_size, counts in ((None, None, {1 << k for k in range(9)}),
+                                       (512, None, {1 << k for k in range(6)}),
+                                       (None, 24, {1, 2, 4, 8, 16, 24})):
+        shapes = set()
+        for _ in range(200):
+            lengths = [rng.randint(1, 140) for _ in range(rng.randint(1, 300))]
+            batches = plan_batches(lengths, batch_size=batch_size, max_batch_tokens=budget,
+                                   max_width=128)
+            real = [b[:len(set(b))] for b in batches]
+            # each row once, longest first (the caller puts results back by index)
+            flat = [i for b in real for i in b]
+            assert sorted(flat) == list(range(len(lengths)))
+            assert [lengths[i] for i in flat] == sorted(lengths, reverse=True)
+            for b, rows in zip(batches, real, strict=True):
+                assert b[len(rows):] == [rows[-1]] * (len(b) - len(rows))
+                width = max(max(lengths[i] for i in b), bucketed(lengths[b[0]], 128))
+                if budget or not batch_size:
+                    assert len(b) * width <= (budget or DEFAULT_BATCH_TOKENS) or len(b) == 1
+                shapes.add((len(b), width))
+        assert {rows for rows, _ in shapes} <= counts
+        widths = {w for _, w in shapes}
+        assert all(w % LENGTH_BUCKET == 0 for w in widths if w <= 128)
+        # rows over 128 tokens (truncation off) keep their own width: one shape per length
+        assert len(shapes) <= len(counts) * len(widths)
+
+
+def test_encode_meets_few_shapes_and_keeps_input_order(embedder):
+    rng = random.Random(1)
+    words = "the a movie is great bad good film not very fun".split()
+    texts = [" ".join(rng.choices(words, k=rng.randint(1, 140))) for _ in range(600)]
+    shapes = set()
+    hook = embedder.model.get_input_embeddings().register_forward_hook(
+        lambda m, i, o: shapes.add(tuple(i[0].shape)))
+    try:
+        got, start = [], 0
+        while start < len(texts):  # calls of random sizes, as a server's queue makes them
+            n = rng.randint(1, 150)
+            got.append(encode(embedder, texts[start:start + n]))
+            start += n
+    finally:
+        hook.remove()
+    assert all(rows & (rows - 1) == 0 and width % LENGTH_BUCKET == 0 for rows, width in shapes)
+    assert len(shapes) <= 9 * 8  # row counts 1..256, widths 16..128
+    one_by_one = np.stack([encode(embedder, [t])[0] for t in texts])
+    np.testing.assert_allclose(np.concatenate(got), one_by_one, atol=1e-4)
 
 
 def test_predict_sequence_classification(tiny_bert_dir):

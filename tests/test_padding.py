@@ -1,3 +1,5 @@
+import random
+
 import pytest
 import torch
 from conftest import no_compile, tiny_model
@@ -5,6 +7,7 @@ from conftest import no_compile, tiny_model
 from torchbridge.models.text import TextModelOptimizer
 from torchbridge.pipeline.padding import (
     LENGTH_BUCKET,
+    bucketed,
     plan_groups,
     trims_padding,
     wrap_trim_padding,
@@ -12,14 +15,49 @@ from torchbridge.pipeline.padding import (
 from torchbridge.pipeline.verify import padded_batch
 
 
+def _pow2(n: int) -> bool:
+    return n & (n - 1) == 0
+
+
 def test_groups_cover_every_row_once_and_full_batches_stay_whole():
     lengths = [5, 128, 17, 64, 120, 9, 33, 128]
     groups = plan_groups(lengths)
     assert sorted(r for g in groups for r in g) == list(range(len(lengths)))
     assert len(plan_groups([128] * 8)) == 1
-    assert len(plan_groups([128, 4, 4, 4, 4, 4, 4, 4], overhead=8)) == 2
+    assert plan_groups([128] + [4] * 8, overhead=8) == [[0], list(range(1, 9))]
     # with no call overhead every distinct length gets its own group
     assert len(plan_groups([10, 20, 30], overhead=0)) == 3
+
+
+def test_group_row_counts_are_powers_of_two_or_the_whole_batch():
+    rng = random.Random(0)
+    for _ in range(300):
+        n = rng.randint(1, 100)
+        lengths = [rng.randint(1, 512) for _ in range(n)]
+        groups = plan_groups(lengths)
+        assert sorted(r for g in groups for r in g) == list(range(n))
+        assert all(_pow2(len(g)) or len(g) == n for g in groups)
+
+
+def test_trimmed_forwards_meet_a_bounded_set_of_shapes():
+    """Batches of random lengths (16 rows, as the data layer sends) reach the model in few shapes:
+    widths on the bucket grid, row counts powers of two; unbounded, they grew oneDNN's caches."""
+    model = wrap_trim_padding(tiny_model("bert", "feature-extraction"), "feature-extraction")
+    shapes = set()
+    model.embeddings.register_forward_hook(lambda m, i, o: shapes.add(tuple(o.shape[:2])))
+    rng = random.Random(0)
+    limit = model.config.max_position_embeddings
+    for seed in range(80):
+        lengths = sorted((rng.randint(1, limit) for _ in range(16)), reverse=True)
+        batch = padded_batch(model.config, 16, bucketed(lengths[0], limit), seed=seed)
+        batch["attention_mask"].zero_()
+        for row, n in enumerate(lengths):
+            batch["attention_mask"][row, :n] = 1
+        with torch.no_grad():
+            model(**batch)
+    assert all(_pow2(rows) and width % LENGTH_BUCKET == 0 for rows, width in shapes)
+    # at most 5 row counts (1..16) x 8 widths (16..128), over 80 batches of random lengths
+    assert len(shapes) <= 5 * (limit // LENGTH_BUCKET)
 
 
 @pytest.mark.parametrize("task", ["sequence-classification", "token-classification",

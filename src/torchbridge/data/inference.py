@@ -58,14 +58,18 @@ def _batches(model: Any, enc: Encoded, *, batch_size: int | None, max_batch_toke
              progress: bool | None, desc: str, side: str = "right",
              keys: Sequence[str] = ("input_ids", "token_type_ids")
              ) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
-    """(rows of ``enc``, padded tensors on the model's device) per batch, longest first."""
+    """(rows of ``enc``, padded tensors on the model's device) per batch, longest first. The
+    tensors may hold more rows than ``rows``: filler after them, whose outputs the caller drops
+    (right padding keeps the set of batch shapes bounded, see texts.py)."""
     lengths = [enc.length(r) for r in range(len(enc.index))]
     bar = _progress(len(lengths), progress, desc)
     pad = _pad_id(_tokenizer(model), model)
-    positions = max_positions(model.config)
+    positions = max_positions(model.config) if side == "right" else None
     try:
-        for rows in plan_batches(lengths, batch_size=batch_size, max_batch_tokens=max_batch_tokens):
-            yield rows, collate([enc.features[r] for r in rows], pad, side=side, keys=keys,
+        for batch in plan_batches(lengths, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
+                                  max_width=positions):
+            rows = batch[:len(set(batch))]  # filler repeats the last row
+            yield rows, collate([enc.features[r] for r in batch], pad, side=side, keys=keys,
                                 device=model.device, max_width=positions)
             if bar is not None:
                 bar.update(len(rows))
@@ -104,7 +108,8 @@ def encode_rows(model: Any, texts: Sequence[Any], *, batch_size: int | None = No
                 hidden = model(**batch).last_hidden_state
             else:  # a model with a head: the encoder's last layer, before the head
                 hidden = model(**batch, output_hidden_states=True).hidden_states[-1]
-            pooled = pool(hidden, batch["attention_mask"], pooling.mode)
+            n = len(rows)
+            pooled = pool(hidden[:n], batch["attention_mask"][:n], pooling.mode)
             if normalize:
                 pooled = torch.nn.functional.normalize(pooled, p=2, dim=-1)
             if pooled.shape[-1] != vectors.shape[-1]:
@@ -188,7 +193,7 @@ def predict_rows(model: Any, texts: Sequence[Any], *, batch_size: int | None = N
                                     desc="predict"):
             out = model(**batch)
             if task == "sequence-classification":
-                found = heads.classification(out.logits, model.config)
+                found = heads.classification(out.logits[:len(rows)], model.config)
             elif task == "token-classification":
                 found = [heads.entities(out.logits[b], source[enc.index[r]],
                                         enc.features[r]["offset_mapping"], enc.word_ids[r],

@@ -42,16 +42,28 @@ def bucketed(length: int, limit: int) -> int:
     return min(limit, -(-length // LENGTH_BUCKET) * LENGTH_BUCKET)
 
 
+def pow2_floor(n: int) -> int:
+    """The largest power of two not above ``n`` (n >= 1)."""
+    return 1 << (n.bit_length() - 1)
+
+
 def plan_groups(lengths: list[int], overhead: int = CALL_OVERHEAD_TOKENS) -> list[list[int]]:
     """Split rows (by index) into groups minimizing sum(rows * longest + overhead), by dynamic
-    programming over the rows sorted by length (groups of consecutive lengths are optimal)."""
+    programming over the rows sorted by length (groups of consecutive lengths are optimal).
+
+    A group's row count is a power of two or the whole batch (the caller's shape already), so that
+    trimming adds few shapes (see LENGTH_BUCKET). Measured on MiniLM over real sentences (bf16, one
+    thread), this costs no speed: the plans have a few more calls, each smaller. (Costing groups at
+    their bucketed widths instead keeps same-bucket rows whole: calls of ~8k tokens, 7% slower.)"""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     n = len(order)
     best = [0.0] + [float("inf")] * n  # best[j]: cost of the first j rows (longest first)
     cut = [0] * (n + 1)
     for j in range(1, n + 1):
-        for i in range(j):  # group = order[i:j], its longest row is order[i]
-            cost = best[i] + (j - i) * lengths[order[i]] + overhead
+        sizes = [1 << b for b in range(j.bit_length())] + ([n] if j == n else [])
+        for size in sizes:  # group = order[j - size:j], its longest row is order[j - size]
+            i = j - size
+            cost = best[i] + size * lengths[order[i]] + overhead
             if cost < best[j]:
                 best[j], cut[j] = cost, i
     groups, j = [], n
