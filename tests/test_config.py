@@ -1,4 +1,6 @@
+import copy
 import dataclasses
+import pickle
 
 import pytest
 import torch
@@ -112,10 +114,31 @@ def test_fp8_only_where_the_hardware_has_it():
 
 
 def test_amp_only_with_half_precision():
-    assert make_plan(TextModelConfig(dtype=torch.bfloat16), device=CPU_BF16).amp
+    assert make_plan(TextModelConfig(dtype=torch.bfloat16, use_amp=True), device=CPU_BF16).amp
     assert not make_plan(TextModelConfig(dtype=torch.bfloat16, use_amp=False), device=CPU_BF16).amp
-    fp32 = make_plan(TextModelConfig(dtype=torch.float32), device=CPU_BF16)
+    fp32 = make_plan(TextModelConfig(dtype=torch.float32, use_amp=True), device=CPU_BF16)
     assert not fp32.amp and any("use_amp" in n for n in fp32.notes)
+    assert not make_plan(TextModelConfig(dtype=torch.float32), device=CPU_BF16).notes
+
+
+def test_default_amp_follows_the_dtype_and_explicit_values_win():
+    """Left at its default, use_amp applies where the dtype needs it (fp16's range), not to bf16."""
+    config = TextModelConfig()
+    assert config.use_amp and not config.is_explicit("use_amp")
+    bf16 = make_plan(config, device=CPU_BF16)
+    assert bf16.dtype == torch.bfloat16 and not bf16.amp and "default" in bf16.amp_reason
+    fp16 = make_plan(TextModelConfig(dtype=torch.float16), device=A100)
+    assert fp16.amp and "65504" in fp16.amp_reason
+    # a fallback or a measured choice re-applies the default to the new dtype
+    assert bf16.with_precision(torch.float16, None, "test").amp
+    assert not bf16.with_precision(torch.float32, None, "test").amp
+    forced = make_plan(TextModelConfig(use_amp=True), device=CPU_BF16)
+    assert forced.amp and forced.with_precision(torch.float16, None, "test").amp
+    off = make_plan(TextModelConfig(dtype=torch.float16, use_amp=False), device=A100)
+    assert not off.amp and not off.with_precision(torch.bfloat16, None, "test").amp
+    # the default survives the copies a config goes through
+    assert not copy.deepcopy(config).is_explicit("use_amp")
+    assert not pickle.loads(pickle.dumps(config)).is_explicit("use_amp")
 
 
 def test_compile_kwargs_per_device():

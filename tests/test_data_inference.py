@@ -14,7 +14,7 @@ from torchbridge.data import heads
 from torchbridge.data.inference import encode, generate_text, predict
 from torchbridge.data.texts import DEFAULT_BATCH_TOKENS, plan_batches
 from torchbridge.models.text import create_optimized_text_model
-from torchbridge.pipeline.padding import LENGTH_BUCKET, bucketed
+from torchbridge.pipeline.padding import LENGTH_BUCKET, bucketed, row_counts
 
 FAST = dict(use_torch_compile=False, warmup_steps=1, warmup_seq_len=16, verify=False,
             dtype=torch.float32)
@@ -123,9 +123,9 @@ def test_bounded_batches_cover_every_row_once_in_few_shapes():
     """Right-padded batches (max_width given) take their row counts from a fixed set, so a long
     run over texts of every length meets few shapes; filler only repeats a batch's last row."""
     rng = random.Random(0)
-    for budget, batch_size, counts in ((None, None, {1 << k for k in range(9)}),
-                                       (512, None, {1 << k for k in range(6)}),
-                                       (None, 24, {1, 2, 4, 8, 16, 24})):
+    for budget, batch_size, counts in ((None, None, set(row_counts(256))),
+                                       (512, None, set(row_counts(32))),
+                                       (None, 20, {*row_counts(20), 20})):
         shapes = set()
         for _ in range(200):
             lengths = [rng.randint(1, 140) for _ in range(rng.randint(1, 300))]
@@ -164,8 +164,8 @@ def test_encode_meets_few_shapes_and_keeps_input_order(embedder):
             start += n
     finally:
         hook.remove()
-    assert all(rows & (rows - 1) == 0 and width % LENGTH_BUCKET == 0 for rows, width in shapes)
-    assert len(shapes) <= 9 * 8  # row counts 1..256, widths 16..128
+    assert all(rows in row_counts(rows) and width % LENGTH_BUCKET == 0 for rows, width in shapes)
+    assert len(shapes) <= len(row_counts(256)) * 8  # row counts 1..256, widths 16..128
     one_by_one = np.stack([encode(embedder, [t])[0] for t in texts])
     np.testing.assert_allclose(np.concatenate(got), one_by_one, atol=1e-4)
 

@@ -66,7 +66,7 @@ def test_inplace_modifies_the_given_model(tiny_bert):
 
 
 def test_dtype_and_amp_are_read_back(tiny_bert):
-    opt = TextModelOptimizer(no_compile(dtype=torch.bfloat16))
+    opt = TextModelOptimizer(no_compile(dtype=torch.bfloat16, use_amp=True))
     model = opt.optimize(tiny_bert)
     info = opt.get_optimization_info()
     assert model.dtype == torch.bfloat16 and info["dtype"] == "bfloat16"
@@ -238,3 +238,11 @@ def test_unknown_architecture_runs_generic_steps_and_says_so():
     opt = TextModelOptimizer(no_compile(dtype=torch.float32))
     opt.optimize(model)
     assert any("not a known family" in n for n in opt.get_optimization_info()["notes"])
+
+
+def test_default_bf16_is_the_plain_cast_and_says_why(tiny_bert):
+    opt = TextModelOptimizer(no_compile(dtype=torch.bfloat16))
+    opt.optimize(tiny_bert)
+    info = opt.get_optimization_info()
+    assert info["amp_dtype"] is None and "use_amp default" in info["amp_reason"]
+    assert info["fp32_norm_layers"] == 0

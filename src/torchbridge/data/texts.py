@@ -7,7 +7,7 @@ to its own longest row and the padding across the whole input stays near zero.
 Right-padded batches also keep the set of (rows, width) shapes small and bounded, whatever the
 input: oneDNN builds and keeps kernels per shape, so a long job meeting ever new shapes grows
 without end. Widths are rounded up to the length bucket (pipeline/padding.py) and row counts come
-from a fixed set: the batch size, or powers of two (see ``plan_batches``).
+from a fixed set: the batch size, or ``pipeline.padding.row_counts`` (see ``plan_batches``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from torchbridge.pipeline.checks import max_positions
-from torchbridge.pipeline.padding import CALL_OVERHEAD_TOKENS, bucketed, pow2_floor
+from torchbridge.pipeline.padding import CALL_OVERHEAD_TOKENS, bucketed, row_count_floor, row_counts
 
 # Tokens per batch (rows x longest row) when the caller gives neither budget nor batch size: large
 # enough that per-call overhead is small next to the matmuls, small enough for a laptop's cache.
@@ -141,7 +141,7 @@ def plan_batches(lengths: Sequence[int], *, batch_size: int | None = None,
     tokens. A single row longer than the budget still gets a batch of its own.
 
     ``max_width`` (right padding, see ``collate``) bounds the shapes: widths count as bucketed and
-    every batch has ``batch_size`` rows or a power of two. A batch may then end with repeats of
+    every batch has ``batch_size`` rows or one of ``row_counts``. A batch may then end with repeats of
     its last row, filler up to that count (outputs to drop): every row appears once otherwise."""
     for name, value in (("batch_size", batch_size), ("max_batch_tokens", max_batch_tokens)):
         if value is not None and (not isinstance(value, int) or value < 1):
@@ -173,22 +173,22 @@ def _bounded_batches(lengths: list[int], order: list[int], rows_cap: int, budget
                      max_width: int) -> list[list[int]]:
     """``plan_batches`` with bounded shapes, over rows sorted longest first (``lengths`` in that
     order). Full batches hold ``rows_cap`` rows or the budget's rows at the bucketed width, rounded
-    down to a power of two; the last rows are padded with filler up to a power of two when that
-    costs less than another call, else cut at the power of two below them."""
+    down to an allowed row count; the last rows are padded with filler up to the next allowed count
+    when that costs less than another call, else cut at the allowed count below them."""
     batches: list[list[int]] = []
     start = 0
     while start < len(order):
         # the first row is the longest: the batch's width, as collate will pad it
         width = max(lengths[start], bucketed(lengths[start], max_width))
-        full = rows_cap if budget is None else min(rows_cap, pow2_floor(max(1, budget // width)))
+        full = rows_cap if budget is None else min(rows_cap, row_count_floor(max(1, budget // width)))
         left = len(order) - start
         size = take = full
         if left < full:
             size = take = left
-            if size & (size - 1):  # not a power of two
-                size = min(full, 1 << left.bit_length())
+            if left not in row_counts(left):
+                size = min(full, min(c for c in row_counts(2 * left) if c > left))
                 if (size - left) * width > CALL_OVERHEAD_TOKENS:
-                    size = take = pow2_floor(left)
+                    size = take = row_count_floor(left)
         rows = order[start:start + take]
         batches.append(rows + [rows[-1]] * (size - take))
         start += take

@@ -181,7 +181,9 @@ class TextModelConfig:
     use_torch_compile: bool = _mark(True)
     compile_mode: str = _mark(_INFERENCE["compile_mode"])
     dtype: torch.dtype | None = None  # None = the mode's choice (auto: fastest native precision)
-    use_amp: bool = True  # autocast around the forward (see precisions/casting.py)
+    # mixed precision (see precisions/casting.py). Left at its default, the plan applies it where
+    # the dtype needs it (fp16); True or False passed explicitly always wins.
+    use_amp: bool = _mark(True)
     gradient_checkpointing: bool = _mark(False)
     enable_memory_efficient_attention: bool = _mark(True)
     device: str = "auto"
@@ -248,10 +250,11 @@ class TextModelConfig:
 
     def is_explicit(self, name: str) -> bool:
         """True when the user set this field (then it wins over the mode preset)."""
-        if name in PRESET_FIELDS:
-            return not isinstance(getattr(self, name), _Preset)
+        value = getattr(self, name)
+        if isinstance(value, _Preset):
+            return False
         if name in ("dtype", "verify", "model_type"):
-            return getattr(self, name) is not None
+            return value is not None
         return True
 
     def setting(self, name: str) -> Any:

@@ -56,6 +56,8 @@ class Plan:
     trim_padding: bool
     select_precision: str | None = None
     notes: tuple[str, ...] = field(default=())
+    amp_reason: str = ""
+    use_amp: bool | None = None  # the user's explicit use_amp; None = the default (amp_choice)
 
     @property
     def precision_name(self) -> str:
@@ -84,9 +86,9 @@ class Plan:
                        tolerance: float | None = None) -> Plan:
         """The same plan at another precision (a fallback or a measured choice: not auto any more)."""
         gate = _gate(effective(dtype, quantization).gate, tolerance)
+        amp, amp_reason = amp_choice(self.use_amp, dtype)
         return dataclasses.replace(self, dtype=dtype, quantization=quantization, dtype_auto=False,
-                                   dtype_reason=reason, gate=gate,
-                                   amp=self.amp and dtype in HALF_DTYPES)
+                                   dtype_reason=reason, gate=gate, amp=amp, amp_reason=amp_reason)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready; the device is stored by name only (it is detected again at load)."""
@@ -138,6 +140,26 @@ def _resolve_dtype(config: TextModelConfig, info: DeviceInfo, notes: list[str]
     return dtype, None, True, auto_dtype_reason(info, dtype)
 
 
+# Why the default keeps bf16 plain: bf16 has fp32's exponent range, so an fp32 residual stream
+# guards against nothing there, and it costs: all-MiniLM-L6-v2 over 256 real review sentences kept
+# a per-token min cosine of 0.99989 with it and 0.99986 without, while BERT-base 8 x 128 ran
+# 9-14% slower with it on the CPU (benchmarks/cpu_compile_settings.py, torchbridge use_amp rows).
+# fp16 overflows past 65504, which a residual stream can reach: there the default applies it.
+_AMP_BY_DEFAULT = {torch.float16: True, torch.bfloat16: False}
+
+
+def amp_choice(use_amp: bool | None, dtype: torch.dtype) -> tuple[bool, str]:
+    """(apply mixed precision?, why) for an explicit ``use_amp`` or, with None, the default."""
+    if dtype not in HALF_DTYPES:
+        return False, f"{dtype} compute: nothing to autocast to"
+    if use_amp is not None:
+        return use_amp, f"use_amp={use_amp}"
+    if _AMP_BY_DEFAULT[dtype]:
+        return True, f"use_amp default: {dtype} needs an fp32 residual stream (its range ends at 65504)"
+    return False, (f"use_amp default: plain {dtype} (fp32's range; the fp32 residual stream measured "
+                   "no gain on real weights and cost 9-14% of the forward)")
+
+
 def make_plan(config: TextModelConfig, *, model_max_positions: int | None = None,
               supports_sdpa: bool = True, kind: str = "encoder", device: DeviceInfo | None = None,
               saved: dict[str, Any] | None = None) -> Plan:
@@ -156,8 +178,9 @@ def make_plan(config: TextModelConfig, *, model_max_positions: int | None = None
         if note:
             notes.append(note)
 
-    amp = bool(config.use_amp) and dtype in HALF_DTYPES
-    if config.use_amp and not amp:
+    use_amp = bool(config.use_amp) if config.is_explicit("use_amp") else None
+    amp, amp_reason = amp_choice(use_amp, dtype)
+    if use_amp and not amp:
         notes.append(f"use_amp: no autocast applied, {dtype} compute has no lower precision to "
                      "autocast to")
 
@@ -193,7 +216,7 @@ def make_plan(config: TextModelConfig, *, model_max_positions: int | None = None
         profile=config.enable_profiling, verify=config.verify is not False,
         gate=_gate(effective(dtype, quantization).gate, config.verify_tolerance),
         trim_padding=config.trim_padding, select_precision=config.setting("select_precision"),
-        notes=tuple(notes),
+        notes=tuple(notes), amp_reason=amp_reason, use_amp=use_amp,
     )
 
 

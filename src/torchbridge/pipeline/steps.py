@@ -57,10 +57,10 @@ def to_device(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn.Mo
 
 def autocast(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn.Module:
     if not plan.amp:
-        report.step("autocast", False, "use_amp off, or fp32 compute (nothing to autocast to)")
+        report.step("autocast", False, plan.amp_reason or "use_amp off")
         return model
     report.step("autocast", True, f"forward under torch.autocast({plan.device.type}, {plan.dtype}),"
-                " LayerNorms in fp32")
+                f" LayerNorms in fp32 ({plan.amp_reason})")
     return wrap_autocast(model, plan.device.type, plan.dtype)
 
 

@@ -7,6 +7,7 @@ weights and return fp32, so the residual stream between the layers stays in fp32
 runs under ``torch.autocast(device, dtype)``, which feeds every matmul and attention in the planned
 dtype (on CUDA it also keeps softmax and reductions in fp32). ``use_amp=False`` is the plain cast:
 every weight and activation in the planned dtype, a little faster and a little less accurate.
+Left at its default, the plan applies it to fp16 only (pipeline/plan.py, ``amp_choice``).
 """
 
 from __future__ import annotations
