@@ -308,3 +308,26 @@ def test_low_precision_decoding_close_to_fp32(family, precision):
     assert sqnr_db(ref, logits) > 20
     res = verify_greedy(fast, ref_model, ids, mask, max_new_tokens=16)
     assert res["agreement"] >= 0.5
+
+
+def test_teacher_forced_agreement_ignores_positions_after_eos():
+    """A row that stops at EOS is padded after it: those pads are not the model's predictions,
+    so they must not count against the teacher-forced agreement (an fp32 twin scores 1.0)."""
+    model = tiny_gpt2()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # decisive logits, varied continuations
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    ids = torch.tensor([[5, 17, 33, 2], [8, 41, 9, 60]])
+    with torch.no_grad():
+        free = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                              do_sample=False, pad_token_id=0)[:, 4:].tolist()
+    # a token only one row makes, mid-way: that row stops there and is padded, the other runs on
+    row, stop = next((r, t) for r in (0, 1) for t in free[r][2:10] if t not in free[1 - r])
+    model.generation_config.eos_token_id = stop
+    model.generation_config.pad_token_id = 0
+    fast = FastGenerator(model, compile=False)
+    res = verify_greedy(fast, model, ids, None, max_new_tokens=12)
+    new = res["reference_tokens"][row, 4:].tolist()
+    assert len(new) == 12 and new.index(stop) < 10  # stopped, then padded to the other row's end
+    assert res["identical"] and res["teacher_forced_agreement"] == 1.0, res

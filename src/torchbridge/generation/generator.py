@@ -326,11 +326,14 @@ def verify_greedy(
     ref_dev = next(reference_model.parameters()).device
     ids = input_ids.to(ref_dev)
     mask = None if attention_mask is None else attention_mask.to(ref_dev)
+    config = fast.model.generation_config
+    eos = config.eos_token_id
+    eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     with torch.inference_mode():
         ref = reference_model.generate(
             ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-            pad_token_id=fast.model.generation_config.pad_token_id
-            or fast.model.generation_config.eos_token_id,
+            pad_token_id=config.pad_token_id if config.pad_token_id is not None
+            else (eos_ids[0] if eos_ids else None),
         )
     got = fast.generate(input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                         do_sample=False).to(ref_dev)
@@ -340,13 +343,19 @@ def verify_greedy(
     pad = -1  # positions one side did not generate count as disagreement
     ref_p = torch.nn.functional.pad(ref_new, (0, n - ref_new.shape[1]), value=pad)
     got_p = torch.nn.functional.pad(got_new, (0, n - got_new.shape[1]), value=pad)
-    same = ref_p == got_p
+    # a row that ended at EOS is padded after it while others run on: those positions are
+    # filler, not predictions, and count on neither side
+    ended = torch.isin(ref_p, torch.tensor(eos_ids, dtype=ref_p.dtype, device=ref_dev))
+    live = (ended.long().cumsum(1) - ended.long()) == 0
+    same = (ref_p == got_p) | ~live
     diff = (~same).any(0).nonzero()
     # Next-token agreement along the reference's own continuation (teacher forcing).
     forced = fast.forced_argmax(input_ids, ref_new, attention_mask).to(ref_dev)
+    live_new = live[:, :ref_new.shape[1]]
+    forced_same = (forced == ref_new)[live_new]
     return {
-        "agreement": float(same.float().mean()) if n else 1.0,
-        "teacher_forced_agreement": float((forced == ref_new).float().mean()),
+        "agreement": float((same & live).sum() / live.sum().clamp(min=1)) if n else 1.0,
+        "teacher_forced_agreement": float(forced_same.float().mean()) if forced_same.numel() else 1.0,
         "identical": bool(same.all()),
         "first_divergence": None if len(diff) == 0 else int(diff[0, 0]),
         "n_new_tokens": n,
