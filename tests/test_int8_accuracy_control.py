@@ -129,3 +129,29 @@ def test_rejects_bad_arguments():
     with pytest.raises(ValueError, match="no nn.Linear"):
         accuracy_controlled_int8(torch.nn.Sequential(torch.nn.ReLU()), _gate_needing(0, []),
                                  sensitivity_inputs={})
+
+
+def test_encoder_int8_is_smoothed_on_the_gate_batch_and_a_saved_folder_smooths_alike(
+        tmp_path, tiny_bert_dir):
+    """Dynamic int8 for encoders calibrates SmoothQuant scales on the (deterministic) gate batch:
+    the report says so, every projection carries its scales, and the model a saved folder
+    rebuilds gives the same outputs."""
+    from conftest import no_compile
+
+    from torchbridge.models.text import TextModelOptimizer
+    from torchbridge.pipeline.verify import padded_batch
+    from torchbridge.precisions.int8_dynamic import Int8DynamicLinear
+
+    opt = TextModelOptimizer(no_compile(quantization="int8-dynamic"))
+    model = opt.optimize(str(tiny_bert_dir), task="feature-extraction")
+    step = next(s for s in opt.report.steps if s.name == "quantization")
+    assert "SmoothQuant" in step.detail, step
+    int8 = [m for m in model.modules() if isinstance(m, Int8DynamicLinear)]
+    assert int8 and all(m.inv_smooth is not None for m in int8)
+    assert opt.report.calibration_inputs is None  # not kept after optimize
+    folder = tmp_path / "saved"
+    opt.save_pretrained(model, str(folder), source=str(tiny_bert_dir))
+    again = TextModelOptimizer(no_compile()).optimize(str(folder), task="feature-extraction")
+    batch = padded_batch(model.config, 3, 12)
+    with torch.no_grad():
+        assert torch.allclose(model(**batch)[0], again(**batch)[0], atol=1e-5)

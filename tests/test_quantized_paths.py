@@ -53,9 +53,10 @@ def test_every_weight_format_converts_gpt2_conv1d_projections():
     from torchbridge.precisions import PRECISIONS, WEIGHT_FORMATS
     from torchbridge.precisions.swap import is_linear
 
-    for name in WEIGHT_FORMATS:
+    for name, calibration in [(n, c) for n in WEIGHT_FORMATS for c in (False, True)]:
         model = tiny_model("gpt2", "causal-lm")
-        converted = PRECISIONS[name].quantize(model, ())
+        inputs = padded_batch(model.config, 2, 10) if calibration else None
+        converted = PRECISIONS[name].quantize(model, (), inputs)
         left = [n for n, m in converted.named_modules() if is_linear(m)]
         assert left == [], (name, left)
         batch = padded_batch(model.config, 2, 10)

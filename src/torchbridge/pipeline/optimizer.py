@@ -123,6 +123,8 @@ class TextModelOptimizer:
         report.timings["load_s"] = load_s
 
         batch, text = self._gate_batch(source, family, plan, name, example_inputs)
+        if family.verify == "encoder" and isinstance(batch, dict):
+            report.calibration_inputs = batch  # deterministic: a saved folder calibrates alike
         reference = self._reference(source, family, plan, report, batch)
         if reference is not None and plan.select_precision:
             from .selection import select_precision
@@ -158,6 +160,7 @@ class TextModelOptimizer:
                 raise VerificationError(f"{name}: the optimized model differs from the fp32 eager "
                                         f"model: {report.verify.summary()}; {report.verify.failures}")
         del reference
+        report.calibration_inputs = None  # used by the steps above only
         self._plan = plan
         warm_up(model, family, report, example_inputs)
         report.read_back(model)
@@ -287,6 +290,7 @@ class TextModelOptimizer:
                           batch: dict[str, torch.Tensor], text: str) -> None:
         """int8-dynamic: find the fewest layers to keep in float so the gate passes; the quantize
         step then skips them. Raises Int8AccuracyError when even half of them in float fail."""
+        from torchbridge.precisions import INT8_SMOOTH_ALPHA
         from torchbridge.precisions.accuracy_control import accuracy_controlled_int8
         from torchbridge.precisions.casting import cast_model
 
@@ -302,7 +306,8 @@ class TextModelOptimizer:
             return result.passed, result.measures
 
         t0 = time.perf_counter()
-        _, record = accuracy_controlled_int8(candidate, gate, sensitivity_inputs=batch)
+        _, record = accuracy_controlled_int8(candidate, gate, sensitivity_inputs=batch,
+                                             smooth_alpha=INT8_SMOOTH_ALPHA)
         report.float_layers = list(record["layers_float"])
         report.accuracy_control = {k: record[k] for k in ("layers_int8", "layers_float", "gate")
                                    if k in record}

@@ -36,6 +36,8 @@ class OptimizationReport:
     verify: VerifyResult | None = None
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # encoders: the gate batch (real text) that weight formats may calibrate on; never serialized
+    calibration_inputs: dict | None = field(default=None, repr=False)
     compiled: bool = False  # read back after the first compiled call succeeded
     compiled_graphs: int = 0
     efficient_attention: bool = False  # sdpa calls counted in a probe forward

@@ -84,7 +84,8 @@ def select_precision(optimizer: Any, source: nn.Module, reference: nn.Module, fa
     for dtype, fmt in candidates(plan, family, objective):
         name = fmt or DTYPE_NAMES[dtype]
         trial = eager.with_precision(dtype, fmt, f"{name}: measured")
-        scratch = OptimizationReport(report.model_name, report.task, report.model_type, False, trial)
+        scratch = OptimizationReport(report.model_name, report.task, report.model_type, False, trial,
+                                     calibration_inputs=report.calibration_inputs)
         model = optimizer.apply(private_copy(reference), trial, scratch, family, batch)
         result = optimizer.verify(model, reference, trial, family, batch, text, scratch)
         row = {"precision": name, "passed": result.passed, "gate": result.measures,

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from torchbridge.precisions import precision
+from torchbridge.precisions import INT8_SMOOTH_ALPHA, precision
 from torchbridge.precisions.casting import cast_model, wrap_autocast
 
 from .checks import wrap_input_checks
@@ -41,8 +41,15 @@ def quantize(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn.Mod
         return model
     entry = precision(plan.quantization)
     skip = tuple(report.float_layers)  # layers the accuracy control kept in float, if any
-    model = entry.quantize(model, skip)
+    calibration = report.calibration_inputs
+    if calibration is not None:  # on the model's device: it runs one forward for the statistics
+        device = next(model.parameters()).device
+        calibration = {k: v.to(device) for k, v in calibration.items()}
+    with torch.no_grad():
+        model = entry.quantize(model, skip, calibration)
     detail = f"{entry.name}: {entry.describe}"
+    if calibration is not None and plan.quantization == "int8-dynamic":
+        detail += f"; activation outliers smoothed (SmoothQuant, alpha {INT8_SMOOTH_ALPHA})"
     if skip:
         detail += f"; {len(skip)} layer(s) kept in {plan.dtype} to pass the gate"
     report.step("quantization", True, detail)
