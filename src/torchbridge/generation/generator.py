@@ -326,14 +326,14 @@ def verify_greedy(
     ref_dev = next(reference_model.parameters()).device
     ids = input_ids.to(ref_dev)
     mask = None if attention_mask is None else attention_mask.to(ref_dev)
-    config = fast.model.generation_config
-    eos = config.eos_token_id
-    eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    # the eos and pad ids fast.generate itself will use
+    settings = resolve_settings(fast.model.generation_config, {"max_new_tokens": max_new_tokens},
+                                input_ids.shape[1], None)
+    eos_ids = settings.eos_token_ids or []
     with torch.inference_mode():
         ref = reference_model.generate(
             ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-            pad_token_id=config.pad_token_id if config.pad_token_id is not None
-            else (eos_ids[0] if eos_ids else None),
+            pad_token_id=settings.pad_token_id,
         )
     got = fast.generate(input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                         do_sample=False).to(ref_dev)

@@ -38,7 +38,6 @@ class Plan:
     dtype: torch.dtype
     dtype_auto: bool  # chosen by us: a failed gate may fall back to fp32
     dtype_reason: str
-    amp: bool
     attention: str  # "sdpa" or "eager"
     attention_explicit: bool
     compile: bool
@@ -56,8 +55,16 @@ class Plan:
     trim_padding: bool
     select_precision: str | None = None
     notes: tuple[str, ...] = field(default=())
-    amp_reason: str = ""
     use_amp: bool | None = None  # the user's explicit use_amp; None = the default (amp_choice)
+
+    @property
+    def amp(self) -> bool:
+        """Mixed precision applies (derived: a fallback's new dtype re-decides it)."""
+        return amp_choice(self.use_amp, self.dtype)[0]
+
+    @property
+    def amp_reason(self) -> str:
+        return amp_choice(self.use_amp, self.dtype)[1]
 
     @property
     def precision_name(self) -> str:
@@ -86,9 +93,8 @@ class Plan:
                        tolerance: float | None = None) -> Plan:
         """The same plan at another precision (a fallback or a measured choice: not auto any more)."""
         gate = _gate(effective(dtype, quantization).gate, tolerance)
-        amp, amp_reason = amp_choice(self.use_amp, dtype)
         return dataclasses.replace(self, dtype=dtype, quantization=quantization, dtype_auto=False,
-                                   dtype_reason=reason, gate=gate, amp=amp, amp_reason=amp_reason)
+                                   dtype_reason=reason, gate=gate)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready; the device is stored by name only (it is detected again at load)."""
@@ -109,6 +115,8 @@ class Plan:
         values.update(device=device, mode=OptimizationMode(data["mode"]), dtype=names[data["dtype"]],
                       gate=Gate(**data["gate"]), warmup_shape=tuple(data["warmup_shape"]),
                       notes=tuple(data.get("notes", ())))
+        if "use_amp" not in data and "amp" in data:  # a folder saved before amp was derived
+            values["use_amp"] = data["amp"]
         return cls(**values)
 
 
@@ -145,16 +153,13 @@ def _resolve_dtype(config: TextModelConfig, info: DeviceInfo, notes: list[str]
 # a per-token min cosine of 0.99989 with it and 0.99986 without, while BERT-base 8 x 128 ran
 # 9-14% slower with it on the CPU (benchmarks/cpu_compile_settings.py, torchbridge use_amp rows).
 # fp16 overflows past 65504, which a residual stream can reach: there the default applies it.
-_AMP_BY_DEFAULT = {torch.float16: True, torch.bfloat16: False}
-
-
 def amp_choice(use_amp: bool | None, dtype: torch.dtype) -> tuple[bool, str]:
     """(apply mixed precision?, why) for an explicit ``use_amp`` or, with None, the default."""
     if dtype not in HALF_DTYPES:
         return False, f"{dtype} compute: nothing to autocast to"
     if use_amp is not None:
         return use_amp, f"use_amp={use_amp}"
-    if _AMP_BY_DEFAULT[dtype]:
+    if dtype == torch.float16:
         return True, f"use_amp default: {dtype} needs an fp32 residual stream (its range ends at 65504)"
     return False, (f"use_amp default: plain {dtype} (fp32's range; the fp32 residual stream measured "
                    "no gain on real weights and cost 9-14% of the forward)")
@@ -179,8 +184,7 @@ def make_plan(config: TextModelConfig, *, model_max_positions: int | None = None
             notes.append(note)
 
     use_amp = bool(config.use_amp) if config.is_explicit("use_amp") else None
-    amp, amp_reason = amp_choice(use_amp, dtype)
-    if use_amp and not amp:
+    if use_amp and dtype not in HALF_DTYPES:
         notes.append(f"use_amp: no autocast applied, {dtype} compute has no lower precision to "
                      "autocast to")
 
@@ -207,7 +211,7 @@ def make_plan(config: TextModelConfig, *, model_max_positions: int | None = None
 
     return Plan(
         device=info, mode=config.optimization_mode, dtype=dtype, dtype_auto=dtype_auto,
-        dtype_reason=reason, amp=amp, attention=attention,
+        dtype_reason=reason, attention=attention,
         attention_explicit=config.is_explicit("enable_memory_efficient_attention"),
         compile=compile_on, compile_explicit=compile_explicit, compile_mode=compile_mode,
         compile_reason=compile_reason, quantization=quantization,
@@ -216,7 +220,7 @@ def make_plan(config: TextModelConfig, *, model_max_positions: int | None = None
         profile=config.enable_profiling, verify=config.verify is not False,
         gate=_gate(effective(dtype, quantization).gate, config.verify_tolerance),
         trim_padding=config.trim_padding, select_precision=config.setting("select_precision"),
-        notes=tuple(notes), amp_reason=amp_reason, use_amp=use_amp,
+        notes=tuple(notes), use_amp=use_amp,
     )
 
 

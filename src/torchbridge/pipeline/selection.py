@@ -105,8 +105,7 @@ def select_precision(optimizer: Any, source: nn.Module, reference: nn.Module, fa
                                      f"gate at {list(plan.warmup_shape)} ({best['median_ms']:.1f} ms)")
     elif chosen is not None:
         chosen = dataclasses.replace(plan, dtype=chosen.dtype, quantization=chosen.quantization,
-                                     dtype_auto=False, gate=chosen.gate, amp=chosen.amp,
-                                     amp_reason=chosen.amp_reason,
+                                     dtype_auto=False, gate=chosen.gate,
                                      dtype_reason=f"{table[-1]['precision']}: the smallest weights "
                                      "that passed the gate")
     report.precision_search = [{k: v for k, v in row.items() if k != "_choice"} for row in table]
