@@ -79,3 +79,20 @@ def test_failed_auto_compile_is_not_reported_as_compiled(monkeypatch):
 
 def _failing_backend(gm, example_inputs):
     raise RuntimeError("planted compiler failure")
+
+
+def test_data_path_reuses_the_graph_of_the_first_call(tiny_bert_dir):
+    """The gate batch carries every input the tokenizer makes (token_type_ids too), so the texts
+    of `predict` (which passes them) run on the graph compiled at optimize time."""
+    from torch._dynamo.utils import counters
+
+    from torchbridge.models.text import create_optimized_text_model
+
+    model = create_optimized_text_model(
+        str(tiny_bert_dir), config=TextModelConfig(dtype=torch.float32, use_torch_compile=True,
+                                                   warmup_steps=1))
+    before = counters["stats"]["unique_graphs"]
+    texts = ["this movie is great", "bad", "i didn't like it at all " * 5, "the film was fun"]
+    for size in (1, 3, 4):
+        assert len(model.predict(texts[:size] * 5)) == size * 5
+    assert counters["stats"]["unique_graphs"] - before == 0

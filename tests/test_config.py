@@ -206,3 +206,15 @@ def test_plan_round_trips_through_json():
                                      quantization="int8-dynamic"), device=CPU_BF16)
     again = Plan.from_dict(json.loads(json.dumps(plan.to_dict())), CPU_BF16)
     assert again == plan
+
+
+def test_auto_dtype_under_int8_dynamic_is_fp32_on_cpu_only():
+    cpu = make_plan(TextModelConfig(quantization="int8-dynamic"), device=CPU_BF16)
+    assert cpu.dtype == torch.float32 and "int8 GEMMs" in cpu.dtype_reason
+    explicit = make_plan(TextModelConfig(quantization="int8-dynamic", dtype=torch.bfloat16),
+                         device=CPU_BF16)
+    assert explicit.dtype == torch.bfloat16
+    assert make_plan(TextModelConfig(quantization="int8-dynamic"), device=A100).dtype == torch.bfloat16
+    # a weight-only format keeps the device's auto dtype
+    assert make_plan(TextModelConfig(quantization="int8-weight-only"),
+                     device=CPU_BF16).dtype == torch.bfloat16

@@ -146,7 +146,7 @@ class TextModelOptimizer:
                 report.steps = []
                 model = self.apply(private_copy(reference), plan, report, family, batch)
                 report.verify = self.verify(model, reference, plan, family, batch, text, report)
-            if not report.verify.passed and plan.dtype_auto:
+            if not report.verify.passed and plan.dtype_auto and plan.dtype != torch.float32:
                 fallback = plan.with_precision(
                     torch.float32, plan.quantization,
                     f"float32: fallback, the auto choice {plan.dtype} failed verify "
@@ -162,7 +162,7 @@ class TextModelOptimizer:
         del reference
         report.calibration_inputs = None  # used by the steps above only
         self._plan = plan
-        warm_up(model, family, report, example_inputs)
+        warm_up(model, family, report, example_inputs, batch)
         report.read_back(model)
         report.timings["total_s"] = time.perf_counter() - t0
         self.report = report

@@ -19,6 +19,7 @@ from torchbridge.precisions import (
     check_supported,
     effective,
     of_dtype,
+    precision,
 )
 from torchbridge.precisions.casting import HALF_DTYPES, auto_dtype, auto_dtype_reason, half_dtype
 
@@ -182,6 +183,9 @@ def make_plan(config: TextModelConfig, *, model_max_positions: int | None = None
         note = check_supported(quantization, info)
         if note:
             notes.append(note)
+        paired = precision(quantization).auto_compute(info) if dtype_auto else None
+        if paired is not None:
+            dtype, reason = paired
 
     use_amp = bool(config.use_amp) if config.is_explicit("use_amp") else None
     if use_amp and dtype not in HALF_DTYPES:

@@ -107,7 +107,9 @@ def text_batch(tokenizer, max_length: int, *, rows: int = 8) -> dict[str, torch.
         tokenizer = _with_pad(tokenizer)
     enc = tokenizer(CALIBRATION_TEXT[:rows], padding=True, truncation=True, max_length=max_length,
                     return_tensors="pt")
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    # every input the tokenizer makes (BERT's token_type_ids too): the compiled graph is then
+    # traced with the keyword arguments that the data path and users pass, not a second set
+    return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
 
 
 def _with_pad(tokenizer):

@@ -94,7 +94,9 @@ def first_call(model: nn.Module, plan: Plan, report: OptimizationReport, batch: 
 
 
 def warm_up(model: nn.Module, family: Family, report: OptimizationReport,
-             example_inputs: Any) -> None:
+            example_inputs: Any, gate_batch: Any = None) -> None:
+    """``gate_batch``: the first call's inputs; the warm-up passes the same keyword arguments
+    (a compiled forward traces a new graph for a new set of them)."""
     plan = report.plan
     if plan.warmup_steps == 0:
         return
@@ -111,6 +113,8 @@ def warm_up(model: nn.Module, family: Family, report: OptimizationReport,
         ids = torch.randint(low, high, (batch, seq), generator=torch.Generator().manual_seed(1))
         ids = ids.to(device)
         args, kwargs = (), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if isinstance(gate_batch, dict) and "token_type_ids" in gate_batch:
+            kwargs["token_type_ids"] = torch.zeros_like(ids)
     profiler = _profiler(plan) if plan.profile else None
     with torch.no_grad(), (profiler or contextlib.nullcontext()):
         for _ in range(plan.warmup_steps):

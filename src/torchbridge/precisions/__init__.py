@@ -52,6 +52,9 @@ class Precision:
     # weight formats: (model, layers to keep in float, calibration inputs or None) -> model
     quantize: Callable[[nn.Module, tuple[str, ...], dict | None], nn.Module] | None = None
     emulated: Callable[[DeviceInfo], str | None] = lambda info: None  # runs, but slowly: a note
+    # weight formats: the compute dtype an auto plan pairs with it on this device, and why
+    # (None = the device's auto dtype)
+    auto_compute: Callable[[DeviceInfo], tuple[torch.dtype, str] | None] = lambda info: None
 
     @property
     def is_weight_format(self) -> bool:
@@ -96,6 +99,16 @@ def _fp8_unsupported(info: DeviceInfo) -> str | None:
 INT8_SMOOTH_ALPHA = 0.5
 
 
+def _int8_dynamic_compute(info: DeviceInfo) -> tuple[torch.dtype, str] | None:
+    # The quantize reads fp32 activations anyway; bf16 between the int8 GEMMs was slower on the
+    # CPU (0.86-0.93x, benchmarks/int8_study.py) and less accurate (worst of 10,000 real MiniLM
+    # embeddings 0.9879 vs 0.9908 in fp32, benchmarks/int8_accuracy_minilm.py).
+    if info.type != "cpu":
+        return None
+    return torch.float32, ("fp32 between the int8 GEMMs: on a CPU bf16 activations there were "
+                           "slower and less accurate (docs/int8.md)")
+
+
 def _int8_dynamic(model: nn.Module, skip: tuple[str, ...], calibration: dict | None) -> nn.Module:
     from .int8_dynamic import quantize_dynamic_int8
     from .smoothing import quantize_dynamic_int8_smoothed
@@ -126,7 +139,7 @@ PRECISIONS: dict[str, Precision] = {p.name: p for p in (
               _bf16_unsupported, emulated=_bf16_emulated),
     Precision("int8-dynamic", None, 1, Gate(0.98, 0.90, 0.10),
               "int8 weights (per channel) and activations (per token), int8 GEMMs", _always,
-              quantize=_int8_dynamic),
+              quantize=_int8_dynamic, auto_compute=_int8_dynamic_compute),
     Precision("int8-weight-only", None, 1, Gate(0.99, 0.93, 0.05),
               "int8 weights (per channel), float compute, LM head included", _always,
               quantize=_int8_weight_only),

@@ -1,7 +1,10 @@
 """Dynamic int8 quantization for compute-bound batches (encoders, prefill).
 
 Weights are int8 with one symmetric scale per output channel (quantized once); activations are
-quantized per token at run time (one scale per row, from its own absolute maximum), so the matmul
+quantized per token at run time (one scale and zero point per row, from its own min and max:
+asymmetric, because the input of every FFN-out projection comes out of a GELU and is nearly all
+>= 0; on real all-MiniLM-L6-v2 this lifted the worst of 10,000 sentence embeddings from 0.9906
+to 0.9953 against fp32, docs/int8.md), so the matmul
 runs on int8 integer units (``torch._int_mm``: VNNI/AMX on x86 CPUs, IMMA on GPUs) and is rescaled
 in fp32, the result cast back to the activations' dtype (bf16 when the model is bf16).
 Per-token scales keep one loud token from flattening the resolution of the others.
@@ -46,7 +49,8 @@ from torchbridge.precisions.swap import swap_linears, weight_out_in
 
 
 class Int8DynamicLinear(nn.Module):
-    """y = (q(x / s) @ W_int8^T) * s_x * s_w + b, with q the per-token int8 quantization.
+    """y = ((q(x / s) - z_x) @ W_int8^T) * s_x * s_w + b, with q the per-token asymmetric int8
+    quantization (scale s_x and zero point z_x per token).
 
     ``smooth`` (optional, [in_features]) is a SmoothQuant-style per-input-channel scale s: the
     weight is quantized as W * s and the activation divided by s at run time, which moves the
@@ -69,6 +73,8 @@ class Int8DynamicLinear(nn.Module):
         # [in, out] contiguous: the layout _int_mm(a [M, K], b [K, N]) reads fastest
         self.register_buffer("weight_t", q.t().contiguous())
         self.register_buffer("scales", scales)
+        # colsum(W_int8) * s_w, [1, out]: the zero point's share of every output
+        self.register_buffer("zero_weight", (q.float().sum(dim=1) * scales).reshape(1, -1))
         self.register_buffer("inv_smooth", None if smooth is None else smooth.reciprocal())
         bias = getattr(module, "bias", None)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
@@ -78,15 +84,23 @@ class Int8DynamicLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features).float()
         if self.inv_smooth is not None:
             x2 = x2 * self.inv_smooth
-        x_scale = x2.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127.0
-        xq = torch.round(x2 / x_scale).clamp(-127, 127).to(torch.int8)
-        if xq.shape[0] <= 16 and x2.device.type == "cuda":
-            # cuBLAS int8 GEMM needs M > 16; tiny batches are bandwidth-bound anyway
+        # asymmetric per token: [min, max] onto [-128, 127] with an integer zero point, so a
+        # one-sided input (after GELU nearly all of it is >= 0) keeps all 256 levels, not 128
+        low = x2.amin(dim=1, keepdim=True).clamp(max=0.0)
+        high = x2.amax(dim=1, keepdim=True).clamp(min=0.0)
+        x_scale = ((high - low) / 255.0).clamp(min=1e-8)
+        zero = -128.0 - torch.round(low / x_scale)
+        xq = (torch.round(x2 / x_scale) + zero).clamp(-128, 127).to(torch.int8)
+        if x2.device.type == "cuda" and xq.shape[0] <= 16:
+            # cuBLAS int8 GEMM needs M > 16; tiny batches are bandwidth-bound anyway. The device
+            # test comes first: compiled, a test of the size alone would guard the graph to it
             acc = xq.float() @ self.weight_t.float()
         else:
             acc = torch._int_mm(xq, self.weight_t).float()
-        # in place: eager, every temporary of [tokens, out] fp32 is a full pass over memory
+        # (xq - zero) @ W = xq @ W - zero * colsum(W): the rank-1 correction is added in place
+        # (eager, every temporary of [tokens, out] fp32 is a full pass over memory)
         y = acc.mul_(x_scale).mul_(self.scales)
+        y = y.addmm_(zero.mul_(x_scale).neg_(), self.zero_weight)
         if self.bias is not None:
             y = y.add_(self.bias)
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
