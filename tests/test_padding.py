@@ -6,6 +6,7 @@ from conftest import no_compile, tiny_model
 
 from torchbridge.models.text import TextModelOptimizer
 from torchbridge.pipeline.padding import (
+    CALL_OVERHEAD_TOKENS,
     LENGTH_BUCKET,
     bucketed,
     plan_groups,
@@ -48,7 +49,8 @@ def test_trimmed_forwards_meet_a_bounded_set_of_shapes():
     """Batches of random lengths (16 rows, as the data layer sends) reach the model in few shapes:
     widths on the bucket grid, row counts from ``row_counts``; unbounded, they grew oneDNN's
     caches."""
-    model = wrap_trim_padding(tiny_model("bert", "feature-extraction"), "feature-extraction")
+    model = wrap_trim_padding(tiny_model("bert", "feature-extraction"), "feature-extraction",
+                              overhead=CALL_OVERHEAD_TOKENS)
     shapes = set()
     model.embeddings.register_forward_hook(lambda m, i, o: shapes.add(tuple(o.shape[:2])))
     rng = random.Random(0)
@@ -71,7 +73,7 @@ def test_trimmed_forwards_meet_a_bounded_set_of_shapes():
 def test_trimmed_outputs_equal_the_padded_ones_at_real_positions(task):
     model = tiny_model("bert", task)
     calls = []
-    trimmed = wrap_trim_padding(tiny_model("bert", task), task)
+    trimmed = wrap_trim_padding(tiny_model("bert", task), task, overhead=CALL_OVERHEAD_TOKENS)
     inner_embeddings = trimmed.bert.embeddings if hasattr(trimmed, "bert") else trimmed.embeddings
     inner_embeddings.register_forward_hook(lambda m, i, o: calls.append(tuple(o.shape[:2])))
     batch = padded_batch(model.config, 6, 48)
@@ -110,3 +112,14 @@ def test_optimizer_trims_encoders_only_and_can_be_switched_off():
     assert not trims_padding(opt.optimize(tiny_model("gpt2", "causal-lm")))
     off = TextModelOptimizer(no_compile(trim_padding=False))
     assert not trims_padding(off.optimize(tiny_model("bert", "token-classification")))
+
+
+def test_call_overhead_grows_as_the_model_narrows():
+    from transformers import BertConfig, DistilBertConfig
+
+    from torchbridge.pipeline.padding import call_overhead_tokens
+
+    assert call_overhead_tokens(BertConfig(hidden_size=768)) == CALL_OVERHEAD_TOKENS
+    assert call_overhead_tokens(BertConfig(hidden_size=1024)) == CALL_OVERHEAD_TOKENS  # floor
+    assert call_overhead_tokens(BertConfig(hidden_size=384)) == 4 * CALL_OVERHEAD_TOKENS
+    assert call_overhead_tokens(DistilBertConfig(dim=384)) == 4 * CALL_OVERHEAD_TOKENS

@@ -87,17 +87,17 @@ class _Server:
 
             self.limit = max_tokens(model, self.tokenizer)
             budget = settings.max_batch_tokens
+            batching = dict(max_batch_tokens=budget, max_wait_ms=settings.max_wait_ms,
+                            max_queue=settings.max_queue, max_batch_requests=per_call,
+                            metrics=self.metrics)
             self.embedder = EncoderBatcher(
                 lambda texts: encode(model, texts, max_batch_tokens=budget,
                                      normalize=settings.normalize, output="numpy"),
-                name="embeddings", max_batch_tokens=budget, max_wait_ms=settings.max_wait_ms,
-                max_queue=settings.max_queue, max_batch_requests=per_call, metrics=self.metrics)
+                name="embeddings", **batching)
             if self.task in CLASSIFY_TASKS:
                 self.classifier = EncoderBatcher(
                     lambda texts: predict(model, texts, max_batch_tokens=budget),
-                    name="classify", max_batch_tokens=budget, max_wait_ms=settings.max_wait_ms,
-                    max_queue=settings.max_queue, max_batch_requests=per_call,
-                    metrics=self.metrics)
+                    name="classify", **batching)
         else:
             raise ValueError(f"torchbridge serve has no endpoint for task {self.task!r}; served "
                              f"tasks: causal-lm, {', '.join(ENCODER_TASKS)}")
@@ -188,7 +188,7 @@ def create_app(model: Any, settings: ServeSettings) -> Any:
         return JSONResponse(_error_body("invalid request body: " + "; ".join(problems),
                                         "invalid_request_error", param), status_code=422)
 
-    def auth(request: Request) -> None:
+    async def auth(request: Request) -> None:  # async: a sync dependency costs a thread hop
         if settings.api_key is None:
             return
         header = request.headers.get("authorization", "")
