@@ -60,8 +60,8 @@ _DECODER_TASKS = frozenset({"causal-lm", "sequence-classification", "token-class
 
 # Casting before the device move moves fewer bytes; input checks go outermost so a bad batch is
 # refused before any kernel runs; padding trim sits outside the compiled forward (its groups vary).
-ENCODER_STEPS = ("attention", "cast", "quantize", "device", "autocast", "gradient_checkpointing",
-                 "compile", "trim_padding", "input_checks")
+ENCODER_STEPS = ("attention", "cast", "quantize", "device", "pack_weights", "autocast",
+                 "gradient_checkpointing", "compile", "trim_padding", "input_checks")
 # Decoders: generate goes through the static-cache decoder, which compiles its own decode step;
 # compiling the full forward (~30 s for GPT-2 on a CPU) would buy nothing generate uses.
 DECODER_STEPS = ("attention", "cast", "quantize", "device", "autocast", "gradient_checkpointing",

@@ -68,6 +68,18 @@ class Plan:
         return amp_choice(self.use_amp, self.dtype)[1]
 
     @property
+    def pack_weights(self) -> tuple[bool, str]:
+        """(pack the bf16 linear weights for oneDNN?, why): derived, so a fallback re-decides it."""
+        if not device_ops(self.device).packs_linear_weights:
+            return False, f"no oneDNN weight packing on {self.device.type}"
+        if self.dtype != torch.bfloat16 or self.quantization or self.amp:
+            return False, f"{self.precision_name}{' under autocast' if self.amp else ''}: " \
+                          "only plain bf16 linears are packed"
+        if self.compile:
+            return False, "compiled: inductor's freezing packs the weights itself"
+        return True, "bf16 linear weights reordered once into oneDNN's blocked layout, not per call"
+
+    @property
     def precision_name(self) -> str:
         return effective(self.dtype, self.quantization).name
 

@@ -62,6 +62,17 @@ def to_device(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn.Mo
     return model
 
 
+def pack_weights(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn.Module:
+    pack, reason = plan.pack_weights
+    if pack:
+        from .packing import pack_linear_weights
+
+        rows, seq = plan.warmup_shape
+        reason += f" ({pack_linear_weights(model, rows * seq)} linears)"
+    report.step("packed weights", pack, reason)
+    return model
+
+
 def autocast(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn.Module:
     if not plan.amp:
         report.step("autocast", False, plan.amp_reason or "use_amp off")
@@ -125,6 +136,7 @@ STEPS: dict[str, Step] = {
     "cast": cast,
     "quantize": quantize,
     "device": to_device,
+    "pack_weights": pack_weights,
     "autocast": autocast,
     "gradient_checkpointing": gradient_checkpointing,
     "compile": compile_forward,

@@ -3,8 +3,8 @@
 Weights are int8 with one symmetric scale per output channel (quantized once); activations are
 quantized per token at run time (one scale and zero point per row, from its own min and max:
 asymmetric, because the input of every FFN-out projection comes out of a GELU and is nearly all
->= 0; on real all-MiniLM-L6-v2 this lifted the worst of 10,000 sentence embeddings from 0.9906
-to 0.9953 against fp32, docs/int8.md), so the matmul
+>= 0; on real all-MiniLM-L6-v2 this lifted the worst of 10,000 smoothed sentence embeddings
+from 0.9908 to 0.9963 against fp32, benchmarks/int8_accuracy_minilm.py), so the matmul
 runs on int8 integer units (``torch._int_mm``: VNNI/AMX on x86 CPUs, IMMA on GPUs) and is rescaled
 in fp32, the result cast back to the activations' dtype (bf16 when the model is bf16).
 Per-token scales keep one loud token from flattening the resolution of the others.

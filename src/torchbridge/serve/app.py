@@ -23,7 +23,7 @@ import numpy as np
 
 from torchbridge.serve.batching import EncoderBatcher, QueueFull
 from torchbridge.serve.engine import Chunk, GenerationEngine, Stream
-from torchbridge.serve.metrics import ServeMetrics
+from torchbridge.serve.metrics import MetricsMiddleware, ServeMetrics
 from torchbridge.serve.schemas import (
     ChatCompletionRequest,
     ClassifyRequest,
@@ -170,7 +170,7 @@ def create_app(model: Any, settings: ServeSettings) -> Any:
 
     app = fastapi.FastAPI(title="torchbridge serve", lifespan=lifespan)
     app.state.server = server
-    app.add_middleware(_MetricsMiddleware, metrics=server.metrics)
+    app.add_middleware(MetricsMiddleware, metrics=server.metrics)
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, err: APIError) -> JSONResponse:
@@ -401,38 +401,3 @@ def create_app(model: Any, settings: ServeSettings) -> Any:
                 "usage": usage([stream])}
 
     return app
-
-
-class _MetricsMiddleware:
-    """Counts every request by endpoint and status and times it to its last byte (pure ASGI, so
-    streamed responses are timed to their end, not to their first chunk)."""
-
-    KNOWN = ("/health", "/metrics", "/v1/models", "/v1/embeddings", "/v1/classify",
-             "/v1/completions", "/v1/chat/completions")
-
-    def __init__(self, app: Any, metrics: ServeMetrics) -> None:
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path = scope.get("path", "")
-        endpoint = path if path in self.KNOWN else "other"
-        status = {"code": 500}
-        t0 = time.perf_counter()
-
-        async def send_wrapper(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_wrapper)
-        except asyncio.CancelledError:
-            status["code"] = 499  # client closed the request (nginx's code)
-            raise
-        finally:
-            self.metrics.requests.labels(endpoint, str(status["code"])).inc()
-            if endpoint != "/metrics":
-                self.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)

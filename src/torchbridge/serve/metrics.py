@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import deque
+from typing import Any
 
-__all__ = ["ServeMetrics"]
+__all__ = ["MetricsMiddleware", "ServeMetrics"]
 
 # Seconds of history behind the tokens/s gauges: long enough to smooth over batch boundaries.
 RATE_WINDOW_S = 10.0
@@ -84,3 +86,38 @@ class ServeMetrics:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class MetricsMiddleware:
+    """Counts every request by endpoint and status and times it to its last byte (pure ASGI, so
+    streamed responses are timed to their end, not to their first chunk)."""
+
+    KNOWN = ("/health", "/metrics", "/v1/models", "/v1/embeddings", "/v1/classify",
+             "/v1/completions", "/v1/chat/completions")
+
+    def __init__(self, app: Any, metrics: ServeMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        endpoint = path if path in self.KNOWN else "other"
+        status = {"code": 500}
+        t0 = time.perf_counter()
+
+        async def send_wrapper(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except asyncio.CancelledError:
+            status["code"] = 499  # client closed the request (nginx's code)
+            raise
+        finally:
+            self.metrics.requests.labels(endpoint, str(status["code"])).inc()
+            if endpoint != "/metrics":
+                self.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
