@@ -94,8 +94,9 @@ async def load(url: str, path: str, bodies: list[dict], concurrency: int, second
     """`concurrency` clients each sending the next body as soon as their last one answered.
 
     The clients use aiohttp: on these 2 shared cores the load generator competes with the server,
-    and httpx's async client took 3.2 ms of CPU per request against aiohttp's 0.4 ms (measured
-    against the batched MiniLM server at concurrency 32), so the lighter client leaves the
+    and httpx's async client took 2.8 ms of CPU per request against aiohttp's 0.4 ms
+    (benchmarks/serve_client_cost.py: the batched MiniLM server, 32 clients), so the lighter client
+    leaves the
     server the CPU it is measured on. The tests use httpx; here only the cost matters."""
     import aiohttp
 
