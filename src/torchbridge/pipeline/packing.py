@@ -16,7 +16,6 @@ back, so ``save_pretrained`` writes an ordinary checkpoint.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
 
 import torch
 from torch import nn
@@ -71,6 +70,3 @@ def pack_linear_weights(model: nn.Module, rows_hint: int) -> int:
                 swapped += 1
     return swapped
 
-
-def is_packed(model: Any) -> bool:
-    return any(isinstance(m, PackedLinear) for m in model.modules())

@@ -31,6 +31,12 @@ _PER_TOKEN_INPUTS = ("token_type_ids", "position_ids")
 # BERT-base (hidden 768) on CPU as a few milliseconds against ~0.5 ms per 8 tokens.
 CALL_OVERHEAD_TOKENS = 48
 
+# Widths are rounded up to a multiple of this: every new (rows, length) shape makes oneDNN build
+# and keep kernels, and a run over many texts of every length grew the process by ~750 MiB over
+# 400 shapes in bf16 (measured: a 6-layer MiniLM-size BERT, 400 calls of batch 1-7 x length
+# 5-124: 440 -> 1189 MiB; lengths rounded to 16: flat at 544 MiB).
+LENGTH_BUCKET = 16
+
 
 def call_overhead_tokens(config: Any) -> int:
     """CALL_OVERHEAD_TOKENS scaled to the model: the fixed cost of a call is per layer, a token's
@@ -39,11 +45,6 @@ def call_overhead_tokens(config: Any) -> int:
     MiniLM were split into more calls than paid."""
     hidden = getattr(config, "hidden_size", None) or getattr(config, "dim", None) or 768
     return max(CALL_OVERHEAD_TOKENS, round(CALL_OVERHEAD_TOKENS * (768 / hidden) ** 2))
-# Widths are rounded up to a multiple of this: every new (rows, length) shape makes oneDNN build
-# and keep kernels, and a run over many texts of every length grew the process by ~750 MiB over
-# 400 shapes in bf16 (measured: a 6-layer MiniLM-size BERT, 400 calls of batch 1-7 x length
-# 5-124: 440 -> 1189 MiB; lengths rounded to 16: flat at 544 MiB).
-LENGTH_BUCKET = 16
 
 
 def bucketed(length: int, limit: int) -> int:

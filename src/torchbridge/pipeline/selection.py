@@ -39,8 +39,8 @@ def candidates(plan: Plan, family: Family, objective: str) -> list[tuple[torch.d
         torch.float16 if info.type != "cpu" and supports_fp16(info) else None)
     floats = [torch.float32] + ([half] if half is not None else [])
     int8 = "int8-weight-only" if family.decoder else "int8-dynamic"
-    int8_compute = (precision(int8).auto_compute(info) or (floats[-1], ""))[0]
-    pairs = [(dtype, None) for dtype in floats] + [(int8_compute, int8)]
+    paired = precision(int8).auto_compute(info)  # the compute an auto plan gives this format
+    pairs = [(dtype, None) for dtype in floats] + [(paired[0] if paired else floats[-1], int8)]
     supported = []
     for dtype, fmt in pairs:
         try:

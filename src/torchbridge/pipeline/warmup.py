@@ -113,8 +113,9 @@ def warm_up(model: nn.Module, family: Family, report: OptimizationReport,
         ids = torch.randint(low, high, (batch, seq), generator=torch.Generator().manual_seed(1))
         ids = ids.to(device)
         args, kwargs = (), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        if isinstance(gate_batch, dict) and "token_type_ids" in gate_batch:
-            kwargs["token_type_ids"] = torch.zeros_like(ids)
+        for key, value in (gate_batch.items() if isinstance(gate_batch, dict) else ()):
+            if key not in kwargs and torch.is_tensor(value) and value.dim() == 2:
+                kwargs[key] = torch.zeros_like(ids)  # e.g. token_type_ids: segment 0
     profiler = _profiler(plan) if plan.profile else None
     with torch.no_grad(), (profiler or contextlib.nullcontext()):
         for _ in range(plan.warmup_steps):
