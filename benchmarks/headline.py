@@ -5,6 +5,8 @@
 1. bert-base-uncased, sequence classification, batch 8 x seq 128 (full and mixed-length padded);
 2. gpt2, batch 1, 8-token prompt, 50 greedy new tokens.
 
+Beside the default torchbridge row: explicit fp32 and the int8 path (`--variants`).
+
 Each model loads from a local folder or the Hugging Face cache; when it is not available offline
 it runs with seeded random weights (speed does not depend on the values) and the output says so.
 Writes DIR/<workload>/results.{json,md,png} and DIR/headline.json (both documents), and prints the
@@ -44,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--compare", default="all", help="peers (default: all; missing = skipped)")
     p.add_argument("--output", type=Path, default=Path("bench-results/headline"))
+    p.add_argument("--variants", default="fp32,int8",
+                   help="more torchbridge rows (default fp32,int8; '' for none)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for every row (default: torch's default). On a machine "
                         "shared with other jobs, 1 avoids threads waiting on each other")
@@ -55,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = (f"torchbridge benchmark {model} --task {task} --batch-size {batch} --seq-len {seq}"
                + (f" --new-tokens {new}" if new else "") + (" --random-weights" if random else "")
                + f" --runs {args.runs} --warmup {args.warmup} --compare {args.compare}"
+               + (f" --variants {args.variants}" if args.variants else "")
                + (f" --threads {args.threads}" if args.threads else "")
                + f" --output {args.output / folder}")
         print(f"$ {cmd}", file=sys.stderr)
@@ -63,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
                   "real; outputs are not the trained model's)", file=sys.stderr)
         spec = BenchSpec(model=model, task=task, batch_size=batch, seq_len=seq,
                          new_tokens=new or 50, compare=compare, random_weights=random,
-                         runs=args.runs, warmup=args.warmup, threads=args.threads)
+                         runs=args.runs, warmup=args.warmup, threads=args.threads,
+                         variants=[v for v in args.variants.split(",") if v])
         doc = run_benchmark(spec)
         doc["command"] = cmd
         write_results(doc, args.output / folder)

@@ -1,9 +1,12 @@
 """What packing the bf16 linear weights for oneDNN buys an uncompiled CPU encoder (pipeline/packing.py).
 
-For each model and shape: the same bf16 model with plain ``nn.Linear`` weights and with
-``PackedLinear`` (weights reordered once), timed interleaved in this one process (rounds of
-``--runs`` calls each, order alternating, median of the per-round medians and p90), the first
-call apart, and the min cosine of the packed model's outputs to the plain one's. Models: real
+For each model and shape (rows = batch x seq): the same bf16 model with plain ``nn.Linear``
+weights; packed in the layout oneDNN picks for ``rows`` rows ("row-count layout", what inductor's
+freezing and our first packing did); and packed as the library packs (``pack_linear_weights``:
+per weight shape the faster at ``rows`` of the one-row and the row-count layout). Timed
+interleaved in this one process (rounds of ``--runs`` calls each, order rotating, median of the
+per-round medians and p90), the first call apart, and the min cosine of each packed model's
+outputs to the plain one's. Models: real
 all-MiniLM-L6-v2 when its asset can be fetched (skipped with the reason otherwise) and BERT-base
 with random weights (speed does not depend on them). Writes JSON:
 
@@ -17,13 +20,26 @@ import copy
 import json
 import statistics
 from pathlib import Path
+from unittest import mock
 
 import torch
 
 from torchbridge.backends import describe, detect
 from torchbridge.bench.harness import time_callable
+from torchbridge.pipeline import packing
 from torchbridge.pipeline.loading import load_model
-from torchbridge.pipeline.packing import pack_linear_weights
+
+VARIANTS = ("plain", "row-count layout", "chosen layout")
+
+
+def packed_copy(model: torch.nn.Module, rows: int, choose: bool) -> torch.nn.Module:
+    packed = copy.deepcopy(model)
+    if choose:
+        packing.pack_linear_weights(packed, rows)
+    else:  # every weight in the layout oneDNN picks for `rows` rows
+        with mock.patch.object(packing, "fastest_rows_hint", lambda weight, rows: rows):
+            packing.pack_linear_weights(packed, rows)
+    return packed
 
 
 def models() -> list[tuple[str, torch.nn.Module, list[tuple[int, int]], str | None]]:
@@ -34,12 +50,12 @@ def models() -> list[tuple[str, torch.nn.Module, list[tuple[int, int]], str | No
         from torchbridge.bench.assets.minilm import minilm_dir
 
         minilm = AutoModel.from_pretrained(minilm_dir(), attn_implementation="sdpa")
-        out.append(("all-MiniLM-L6-v2", minilm, [(1, 16), (4, 32), (32, 32)], None))
+        out.append(("all-MiniLM-L6-v2", minilm, [(1, 16), (4, 32), (32, 32), (32, 128)], None))
     except Exception as err:  # noqa: BLE001 - the asset is optional: say why it is missing
         out.append(("all-MiniLM-L6-v2", None, [], f"not measured: {err}"))
     bert = load_model("bert-base-uncased", "sequence-classification", random_weights=True,
                       attn_implementation="sdpa")
-    out.append(("bert-base (random weights)", bert, [(1, 16), (8, 128)], None))
+    out.append(("bert-base (random weights)", bert, [(1, 16), (8, 32), (8, 128)], None))
     return out
 
 
@@ -56,30 +72,32 @@ def main() -> None:
             print(f"{name}: {note}")
             continue
         plain = model.eval().to(torch.bfloat16)
-        packed = copy.deepcopy(plain)
-        pack_linear_weights(packed, rows_hint=32)
         for batch, seq in shapes:
             ids = torch.randint(1000, 2000, (batch, seq), generator=torch.Generator().manual_seed(0))
             inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-            calls = {k: (lambda m=m, inputs=inputs: m(**inputs)[0])
-                     for k, m in (("plain", plain), ("packed", packed))}
+            variants = dict(zip(VARIANTS, (plain, packed_copy(plain, batch * seq, False),
+                                           packed_copy(plain, batch * seq, True)), strict=True))
+            calls = {k: (lambda m=m, inputs=inputs: m(**inputs)[0]) for k, m in variants.items()}
             with torch.no_grad():
-                a, b = (calls[k]().float().flatten(0, -2) for k in ("plain", "packed"))
-                cosine = torch.nn.functional.cosine_similarity(a, b, dim=-1).min().item()
-                timings: dict[str, list] = {"plain": [], "packed": []}
+                ref = calls["plain"]().float().flatten(0, -2)
+                cosine = {k: torch.nn.functional.cosine_similarity(
+                    calls[k]().float().flatten(0, -2), ref, dim=-1).min().item() for k in calls}
+                timings: dict[str, list] = {k: [] for k in calls}
                 for r in range(args.rounds):
-                    for k in (("plain", "packed") if r % 2 == 0 else ("packed", "plain")):
+                    for k in VARIANTS[r % 3:] + VARIANTS[:r % 3]:
                         timings[k].append(time_callable(calls[k], runs=args.runs, warmup=1))
             med = {k: statistics.median(t.median_s for t in v) * 1e3 for k, v in timings.items()}
             p90 = {k: statistics.median(t.p90_s for t in v) * 1e3 for k, v in timings.items()}
-            row = {"model": name, "shape": [batch, seq], "plain_ms": round(med["plain"], 2),
-                   "packed_ms": round(med["packed"], 2), "plain_p90_ms": round(p90["plain"], 2),
-                   "packed_p90_ms": round(p90["packed"], 2),
+            row = {"model": name, "shape": [batch, seq],
+                   "median_ms": {k: round(v, 2) for k, v in med.items()},
+                   "p90_ms": {k: round(v, 2) for k, v in p90.items()},
                    "first_call_s": {k: round(v[0].first_call_s, 3) for k, v in timings.items()},
-                   "speedup": round(med["plain"] / med["packed"], 3), "min_cosine": round(cosine, 6)}
+                   "speedup_over_plain": {k: round(med["plain"] / v, 3) for k, v in med.items()},
+                   "min_cosine_to_plain": {k: round(v, 6) for k, v in cosine.items()}}
             rows.append(row)
-            print(f"{name} {batch}x{seq}: plain {row['plain_ms']} ms, packed {row['packed_ms']} ms, "
-                  f"{row['speedup']}x, min cosine {row['min_cosine']}", flush=True)
+            print(f"{name} {batch}x{seq}: " + ", ".join(
+                f"{k} {med[k]:.1f} ms ({row['speedup_over_plain'][k]}x, min cos "
+                f"{row['min_cosine_to_plain'][k]:.5f})" for k in VARIANTS), flush=True)
     result = {"device": describe(detect("cpu")), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "rows": rows}
     args.output.parent.mkdir(parents=True, exist_ok=True)

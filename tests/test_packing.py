@@ -8,7 +8,7 @@ from conftest import tiny_model
 
 from torchbridge.backends import detect, device_ops
 from torchbridge.models.text import TextModelConfig, TextModelOptimizer
-from torchbridge.pipeline.packing import PackedLinear, pack_linear_weights
+from torchbridge.pipeline.packing import PackedLinear, fastest_rows_hint, pack_linear_weights
 from torchbridge.pipeline.plan import make_plan
 
 pytestmark = pytest.mark.skipif(not device_ops(detect("cpu")).packs_linear_weights,
@@ -29,7 +29,7 @@ def test_packed_linear_computes_what_the_plain_one_does():
 
 def test_tied_weights_stay_plain_and_the_checkpoint_is_ordinary(tmp_path):
     model = tiny_model("bert", "masked-lm").to(torch.bfloat16)
-    n = pack_linear_weights(model, rows_hint=16)
+    n, layouts = pack_linear_weights(model, rows=16)
     assert n == 2 * 6 + 1  # six projections per layer + the head's transform; not the tied decoder
     assert type(model.cls.predictions.decoder) is torch.nn.Linear
     model.save_pretrained(tmp_path)
@@ -40,6 +40,41 @@ def test_tied_weights_stay_plain_and_the_checkpoint_is_ordinary(tmp_path):
     assert saved.keys() == back.keys()
     for name, value in saved.items():
         assert torch.equal(value, back[name]), name
+
+
+def test_the_layout_is_chosen_per_weight_shape_by_timing(monkeypatch):
+    import torchbridge.pipeline.packing as packing
+
+    model = tiny_model("bert", "sequence-classification").to(torch.bfloat16)
+    timed = []
+
+    def fake_choice(weight, rows):
+        timed.append(tuple(weight.shape))
+        return 1 if weight.shape[0] == weight.shape[1] else rows
+
+    monkeypatch.setattr(packing, "fastest_rows_hint", fake_choice)
+    n, layouts = pack_linear_weights(model, rows=64)
+    assert sorted(timed) == sorted(set(timed))  # timed once per shape, not once per linear
+    assert set(layouts) == {f"{o}x{i}" for o, i in timed} and n > len(layouts)
+    for m in model.modules():
+        if isinstance(m, PackedLinear):
+            assert m.rows_hint == (1 if m.in_features == m.out_features else 64)
+
+
+def test_timing_picks_one_of_the_two_layouts():
+    weight = torch.randn(48, 32, dtype=torch.bfloat16)
+    assert fastest_rows_hint(weight, rows=1) == 1  # one row: one candidate, nothing timed
+    assert fastest_rows_hint(weight, rows=64, runs=2) in (1, 64)
+
+
+def test_a_compiled_graph_calls_the_packed_kernel():
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(64, 48).to(torch.bfloat16)
+    packed = PackedLinear(plain, rows_hint=1)
+    x = torch.randn(2, 5, 64, dtype=torch.bfloat16)
+    compiled = torch.compile(packed, fullgraph=True, backend="inductor")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x).float(), packed(x).float())
 
 
 def test_the_optimizer_packs_plain_bf16_encoders_only():

@@ -260,7 +260,8 @@ class DeviceOps:
     profiler_activity: str | None  # torch.profiler.ProfilerActivity name beside CPU
     graph_capture: bool  # "reduce-overhead" replays captured graphs (CUDA graphs) here
     compile_freezing: bool  # inductor freezing: weights folded into constants, prepacked GEMMs
-    # uncompiled bf16 linears can hold their weights in oneDNN's blocked layout (pipeline/packing.py)
+    # bf16 linears can hold their weights in oneDNN's blocked layout (pipeline/packing.py): oneDNN
+    # is built in and the CPU computes bf16 natively (otherwise oneDNN emulates it)
     packs_linear_weights: bool = False
 
 
@@ -270,7 +271,8 @@ def _no_sync(device: torch.device) -> None:
 
 DEVICE_TABLE: dict[str, DeviceOps] = {
     "cpu": DeviceOps(_no_sync, None, None, None, None, graph_capture=False, compile_freezing=True,
-                     packs_linear_weights=torch.backends.mkldnn.is_available()),
+                     packs_linear_weights=torch.backends.mkldnn.is_available()
+                     and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
     "cuda": DeviceOps(
         torch.cuda.synchronize, torch.cuda.memory_allocated, torch.cuda.max_memory_allocated,
         torch.cuda.reset_peak_memory_stats, "CUDA", graph_capture=True, compile_freezing=False),

@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=positive_int, default=50, help="tokens to generate")
     p.add_argument("--compare", default="all",
                    help=f"peers: all, none or a comma list of {', '.join(PEERS)}")
+    p.add_argument("--variants", default="",
+                   help="more torchbridge rows, comma list of fp32, int8 (int8: int8 GEMMs for "
+                        "encoders, int8 weights for decoding)")
     p.add_argument("--runs", type=positive_int, default=10, help="timed calls per row")
     p.add_argument("--warmup", type=int, default=2, help="discarded calls after the first")
     p.add_argument("--no-padded", action="store_true",
@@ -197,7 +200,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         quantization=args.quantization, device=args.device, compare=compare,
         random_weights=args.random_weights, runs=args.runs, warmup=args.warmup,
         padded=not args.no_padded, compile=False if args.no_compile else None,
-        threads=args.threads,
+        threads=args.threads, variants=[v.strip() for v in args.variants.split(",") if v.strip()],
     )
     spec.validate()
     if args.random_weights:

@@ -9,7 +9,7 @@ import os
 import platform
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +90,8 @@ class BenchSpec:
     padded: bool = True  # also time the realistic mixed-length batch
     compile: bool | None = None  # None: the mode's preset decides (torchbridge row only)
     threads: int | None = None  # CPU threads for torch and every peer (None: torch's default)
+    # more torchbridge rows beside the configured one, each named "torchbridge-<variant>"
+    variants: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         for name in ("batch_size", "seq_len", "runs"):
@@ -102,6 +104,20 @@ class BenchSpec:
             raise ValueError(f"--threads must be >= 1, got {self.threads}")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown --dtype {self.dtype!r}; choices: {', '.join(DTYPES)}")
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        if unknown:
+            raise ValueError(f"unknown --variants {', '.join(unknown)}; choices: "
+                             f"{', '.join(VARIANTS)}")
+
+
+# Extra torchbridge rows: explicit requests in the default mode, per generation or not.
+# int8 means int8 GEMMs for an encoder's compute-bound forward and int8 weights for decoding,
+# which is bound by weight reads.
+VARIANTS: dict[str, dict[bool, dict[str, Any]]] = {
+    "fp32": {False: {"dtype": "fp32"}, True: {"dtype": "fp32"}},
+    "int8": {False: {"quantization": "int8-dynamic"},
+             True: {"quantization": "int8-weight-only"}},
+}
 
 
 def make_batch(config: Any, batch: int, seq: int, *, padded: bool, left_pad: bool,
@@ -224,13 +240,15 @@ def run_benchmark(spec: BenchSpec, workdir: Path | None = None) -> dict[str, Any
     flops = None if generation else count_flops(reference, variants["full"])
     ref_bytes = sum(p.numel() * p.element_size() for p in reference.parameters())
 
-    names = ["baseline", "torchbridge", *spec.compare]
+    names = ["baseline", "torchbridge", *(f"torchbridge-{v}" for v in spec.variants),
+             *spec.compare]
     rows: list[Row] = []
     reference_out: dict[str, torch.Tensor] = {}
     optimization_info: dict | None = None
     bar = progress_bar(len(names) * len(variants) * (1 + spec.warmup + spec.runs), "benchmark")
     for name in names:
-        kind = {"baseline": "baseline", "torchbridge": "optimized"}.get(name, "peer")
+        kind = "baseline" if name == "baseline" else \
+            "optimized" if name.startswith("torchbridge") else "peer"
         bar.set_description(f"{name}: setting up")
         t0 = time.perf_counter()
         backend: Backend | None = None
@@ -241,6 +259,9 @@ def run_benchmark(spec: BenchSpec, workdir: Path | None = None) -> dict[str, Any
                                             notes="HF eager fp32 (attn_implementation='eager')")
                 elif name == "torchbridge":
                     backend, optimization_info = _optimized_backend(spec, wl, task)
+                elif name.startswith("torchbridge-"):
+                    variant = VARIANTS[name.removeprefix("torchbridge-")][generation]
+                    backend, _ = _optimized_backend(replace(spec, **variant), wl, task)
                 else:
                     backend = PEERS[name][0](wl)
         except PeerUnavailable as err:

@@ -1,44 +1,109 @@
-"""Linear weights packed once into oneDNN's blocked layout (CPU, bf16, uncompiled encoders).
+"""Linear weights packed once into oneDNN's blocked layout (CPU, bf16).
 
-An uncompiled bf16 ``nn.Linear`` on a CPU hands oneDNN its plain [out, in] weight, and oneDNN
+An unpacked bf16 ``nn.Linear`` on a CPU hands oneDNN its plain [out, in] weight, and oneDNN
 reorders it into the blocked layout its AMX / AVX-512 kernels read on every call: a full pass
 over the weight for each GEMM, which at serving sizes costs as much as the GEMM. Packing it once
 (what inductor's freezing does for a compiled graph) takes that out of the forward; the
-arithmetic is the same kernel's, so the outputs are unchanged. Measured on the development CPU
-(AMX), bf16, interleaved in one process (`python benchmarks/packed_linear.py`): all-MiniLM-L6-v2
-1.16x at 1 x 16 tokens, 1.20x at 4 x 32, 1.21x at 32 x 32; BERT-base 1.09x at 1 x 16, 1.17x at
-8 x 128; min cosine to the unpacked model's outputs 0.99997-1.0.
+arithmetic is the same kernel's, so the outputs are unchanged.
 
-The module keeps only the packed weight; ``weight`` and the state dict give the plain tensor
-back, so ``save_pretrained`` writes an ordinary checkpoint.
+Which blocked layout matters as much as packing: oneDNN picks it from a row-count hint, and on
+the development CPU (AMX, 2 threads) the layout it picks for 512-1024 rows runs BERT-base's
+768-wide outputs at about half the speed of the layout it picks for one row (ad hoc, the
+3072 -> 768 projection at 1,024 rows: 855 vs 1615 GFLOP/s), while for MiniLM's 384-wide shapes
+the row-count layout is the faster one. So the layout is chosen per weight shape by timing both
+candidates at the planned rows (`fastest_rows_hint`). `python benchmarks/packed_linear.py`
+measures both effects on whole models (BERT-base at 8 x 128: 1.01x over unpacked in the
+row-count layout, 1.40x in the chosen one).
+
+``PackedLinear`` keeps only the packed weight; ``weight`` and the state dict give the plain
+tensor back, so ``save_pretrained`` writes an ordinary checkpoint. Under ``torch.compile`` (a user
+compiling the optimized model) the kernel is called through a custom op: inductor's own lowering
+of the oneDNN linear accepts only weights it froze itself and fails on these.
+
+Tried for decoders and not kept: the one-row layout for GPT-2's bf16 decode step (all 49
+projections packed, called through the custom op from the compiled step) ran 16.2 ms/token
+against 16.6 for inductor's fused reduction on a quiet hour and 21.2 against 19.8 on a busy one,
+interleaved in one process (ad hoc); the kernels alone agree (`python benchmarks/decode_kernels.py`:
+12.7 vs 10.8 ms per token of weights): batch-1 decoding is bound by memory reads, which the
+layout does not change. For encoders,
+oneDNN's GELU post-op on the FFN-in projection (2.49 vs 2.77 ms for linear + GELU at BERT-base's
+1,024 rows in isolation) made no difference to the whole forward (134 vs 136 ms, 18.1 vs 17.9 ms
+at 1 x 16, interleaved), so the GELU stays a separate op.
 """
 
 from __future__ import annotations
 
+import statistics
+import time
 from collections import Counter
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+
+
+def pack_weight(weight: Tensor, rows_hint: int) -> Tensor:
+    """A [out, in] bf16 weight in the oneDNN layout chosen for ``rows_hint`` rows."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), rows_hint)
+
+
+@torch.library.custom_op("torchbridge::onednn_linear", mutates_args=())
+def _onednn_linear_op(x: Tensor, packed: Tensor, bias: Tensor | None, out_features: int) -> Tensor:
+    return _onednn_linear_eager(x, packed, bias, out_features)
+
+
+@_onednn_linear_op.register_fake
+def _(x: Tensor, packed: Tensor, bias: Tensor | None, out_features: int) -> Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+def _onednn_linear_eager(x: Tensor, packed: Tensor, bias: Tensor | None,
+                         out_features: int) -> Tensor:
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, bias, "none",
+                                           [], "")
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+def onednn_linear(x: Tensor, packed: Tensor, bias: Tensor | None, out_features: int) -> Tensor:
+    """y = x W^T + b with W packed by `pack_weight`; x and b bf16. Eager calls skip the custom
+    op's dispatch (~15 us a call, which a 37-linear MiniLM forward at batch 1 would feel)."""
+    if torch.compiler.is_compiling():
+        return _onednn_linear_op(x, packed, bias, out_features)
+    return _onednn_linear_eager(x, packed, bias, out_features)
+
+
+def fastest_rows_hint(weight: Tensor, rows: int, runs: int = 5) -> int:
+    """The row-count hint (1 or ``rows``) whose layout runs ``rows`` rows fastest, by timing."""
+    if rows <= 1:
+        return 1
+    x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
+    packs = {hint: pack_weight(weight, hint) for hint in (1, rows)}
+    times: dict[int, list[float]] = {hint: [] for hint in packs}
+    with torch.inference_mode():
+        for i in range(runs + 2):  # interleaved, the first two rounds are warm-up
+            for hint, packed in packs.items():
+                t0 = time.perf_counter()
+                _onednn_linear_eager(x, packed, None, weight.shape[0])
+                if i >= 2:
+                    times[hint].append(time.perf_counter() - t0)
+    return min(times, key=lambda hint: statistics.median(times[hint]))
 
 
 class PackedLinear(nn.Module):
-    """``nn.Linear`` with its weight in oneDNN's layout, for batches of about ``rows_hint`` rows."""
+    """``nn.Linear`` with its weight in a oneDNN layout (see the module docstring)."""
 
     def __init__(self, linear: nn.Linear, rows_hint: int) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.rows_hint = rows_hint
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows_hint)
+        self.packed = pack_weight(linear.weight, rows_hint)
         self.bias = linear.bias
 
     @property
-    def weight(self) -> torch.Tensor:
+    def weight(self) -> Tensor:
         return self.packed.to_dense()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self.packed,
-                                               self.bias, "none", [], "")
-        return y.reshape(*x.shape[:-1], self.out_features)
+    def forward(self, x: Tensor) -> Tensor:
+        return onednn_linear(x, self.packed, self.bias, self.out_features)
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -54,19 +119,24 @@ class PackedLinear(nn.Module):
         return PackedLinear(plain, self.rows_hint)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN-packed"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"oneDNN-packed for {self.rows_hint} rows")
 
 
-def pack_linear_weights(model: nn.Module, rows_hint: int) -> int:
+def pack_linear_weights(model: nn.Module, rows: int) -> tuple[int, dict[str, int]]:
     """Swap every bf16 ``nn.Linear`` whose weight is its own (not tied to an embedding) for a
-    PackedLinear, in place; returns how many."""
+    PackedLinear, in place, in the layout that runs ``rows`` rows fastest (timed once per weight
+    shape). Returns (linears swapped, {"out x in": the row hint chosen for that shape})."""
     uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    hints: dict[tuple[int, int], int] = {}
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and child.weight.dtype == torch.bfloat16 \
                     and child.weight.device.type == "cpu" and uses[id(child.weight)] == 1:
-                setattr(parent, name, PackedLinear(child, rows_hint))
+                shape = tuple(child.weight.shape)
+                if shape not in hints:
+                    hints[shape] = fastest_rows_hint(child.weight, rows)
+                setattr(parent, name, PackedLinear(child, hints[shape]))
                 swapped += 1
-    return swapped
-
+    return swapped, {f"{o}x{i}": hint for (o, i), hint in hints.items()}

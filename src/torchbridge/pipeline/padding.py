@@ -27,9 +27,14 @@ PER_TOKEN_FIELDS = {
 }
 # Inputs with one value per token, trimmed along with input_ids.
 _PER_TOKEN_INPUTS = ("token_type_ids", "position_ids")
-# Token-equivalents one extra forward call costs (dispatch, small-GEMM inefficiency): measured on
-# BERT-base (hidden 768) on CPU as a few milliseconds against ~0.5 ms per 8 tokens.
-CALL_OVERHEAD_TOKENS = 48
+# Token-equivalents one extra forward call costs (dispatch, and GEMMs of fewer rows running
+# further below the peak), at BERT-base's width. Re-measured when the packed bf16 linears made
+# whole batches faster (BERT-base 8 rows of 128..32 tokens, 2 threads, ad hoc): split three ways
+# (at 48) 172 ms, two ways (at 96-192) 152-170 ms, one call (at 256) 149 ms; 8 rows of which 7
+# have 16 tokens: 134 ms whole, 73-84 ms split. 256 keeps the second split and not the first.
+# (A group of 4 x 80 = 320 rows is one reason: ad hoc, oneDNN ran 320 rows at ~60% of the
+# rate of 256 or 512.)
+CALL_OVERHEAD_TOKENS = 256
 
 # Widths are rounded up to a multiple of this: every new (rows, length) shape makes oneDNN build
 # and keep kernels, and a run over many texts of every length grew the process by ~750 MiB over
@@ -41,8 +46,8 @@ LENGTH_BUCKET = 16
 def call_overhead_tokens(config: Any) -> int:
     """CALL_OVERHEAD_TOKENS scaled to the model: the fixed cost of a call is per layer, a token's
     cost per layer grows with hidden_size squared, so a narrower model pays more tokens per call
-    (all-MiniLM-L6-v2, hidden 384: 192). At BERT-base's 48, random batches of review sentences on
-    MiniLM were split into more calls than paid."""
+    (all-MiniLM-L6-v2, hidden 384: 4x). At BERT-base's count, random batches of review sentences
+    on MiniLM were split into more calls than paid."""
     hidden = getattr(config, "hidden_size", None) or getattr(config, "dim", None) or 768
     return max(CALL_OVERHEAD_TOKENS, round(CALL_OVERHEAD_TOKENS * (768 / hidden) ** 2))
 

@@ -68,7 +68,10 @@ def pack_weights(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn
         from .packing import pack_linear_weights
 
         rows, seq = plan.warmup_shape
-        reason += f" ({pack_linear_weights(model, rows * seq)} linears)"
+        swapped, hints = pack_linear_weights(model, rows * seq)
+        layouts = ", ".join(f"{shape}: {hint}" for shape, hint in hints.items())
+        reason += (f" ({swapped} linears; layout per weight shape, the faster at "
+                   f"{rows * seq} rows of the 1-row and {rows * seq}-row ones: {layouts})")
     report.step("packed weights", pack, reason)
     return model
 
