@@ -177,6 +177,9 @@ def test_encoder_peers_match_fp32(tiny_dirs: dict[str, Path]) -> None:
     for row in _ok(doc, "baseline"):
         assert row["speedup"] == 1.0 and row["max_abs_diff"] == 0.0
         assert row["gflops"] > 0 and row["throughput_unit"] == "sequences/s"
+        # against the fp32 GEMM ceiling measured in the same run
+        best = doc["ceiling"]["ceiling_gflops"]["fp32"]
+        assert row["of_ceiling"] == pytest.approx(row["gflops"] / best)
     for name in ("hf-sdpa", "ort", "ct2"):
         if name == "hf-sdpa" or name in installed:
             for row in _ok(doc, name):  # fp32 runtimes: the same numbers, padded rows included
@@ -202,6 +205,29 @@ def test_decoder_peers_match_greedy(tiny_dirs: dict[str, Path]) -> None:
                 assert row["agreement"] == 1.0, row
             assert row["ms_per_token"] == pytest.approx(row["median_ms"] / 6)
             assert row["gb_per_s"] > 0 and row["throughput_unit"] == "tokens/s"
+            assert row["of_ceiling"] == pytest.approx(
+                row["gb_per_s"] / doc["ceiling"]["read_gb_per_s"])
+
+
+def test_the_ceiling_of_a_precision_is_its_best_path() -> None:
+    from torchbridge.bench.ceiling import ceiling_key, measure
+
+    result = measure(torch.device("cpu"), runs=1)
+    for path, rate in result["gemm_gflops"].items():
+        assert 0 < rate <= result["ceiling_gflops"][path.split("_")[0]]
+    assert result["read_gb_per_s"] > 0
+    assert [ceiling_key(d) for d in ("int8 dynamic", "int8", "bfloat16", "float32", "fp8", None)] \
+        == ["int8", "int8", "bf16", "fp32", None, None]
+
+
+def test_extra_torchbridge_rows(tiny_dirs: dict[str, Path]) -> None:
+    doc = run_benchmark(BenchSpec(model=str(tiny_dirs["bert"]), batch_size=2, seq_len=16,
+                                  runs=1, warmup=0, padded=False, variants=["fp32"]))
+    (row,) = _ok(doc, "torchbridge-fp32")
+    assert row["kind"] == "optimized" and row["dtype"] == "float32"
+    assert row["max_abs_diff"] < 1e-4
+    with pytest.raises(ValueError, match="unknown --variants fp64; choices: fp32, int8"):
+        BenchSpec(model="x", variants=["fp64"]).validate()
 
 
 def test_missing_peer_is_skipped_with_install_hint(tiny_dirs: dict[str, Path],

@@ -205,6 +205,9 @@ class Row:
     gflops: float | None = None
     ms_per_token: float | None = None
     gb_per_s: float | None = None
+    # gflops over the best GEMM rate of the row's precision, or gb_per_s over the memory read
+    # rate, both measured at the start of the run (bench/ceiling.py)
+    of_ceiling: float | None = None
     notes: str | None = None
 
     def to_dict(self) -> dict[str, Any]:

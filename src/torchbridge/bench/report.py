@@ -30,19 +30,20 @@ def markdown_table(doc: dict[str, Any]) -> str:
         f"{wl['warmup']} warm-up calls; first call reported apart.",
         "",
     ]
-    rate_head = "ms/token | GB/s" if gen else "GFLOP/s"
+    rate_head = "ms/token | GB/s | of read rate" if gen else "GFLOP/s | of GEMM ceiling"
     agree = "greedy agree" if gen else "argmax agree"
     lines.append(f"| backend | inputs | dtype | median ms | p90 ms | throughput | speedup | "
                  f"first call s | setup s | peak MB | max abs diff | {agree} | {rate_head} |")
-    lines.append("|" + "---|" * (13 + (1 if gen else 0)))
+    lines.append("|" + "---|" * (14 + (1 if gen else 0)))
     for r in doc["rows"]:
         if r["status"] != "ok":
             cells = [r["name"], r["variant"], f"**{r['status']}**: {r['reason']}"]
-            lines.append("| " + " | ".join(cells) + " |" + " |" * (10 + (1 if gen else 0)))
+            lines.append("| " + " | ".join(cells) + " |" + " |" * (11 + (1 if gen else 0)))
             continue
         thr = f"{r['throughput']:.1f} {r['throughput_unit'].split('/')[0]}/s"
-        rate = (f"{_fmt(r['ms_per_token'], '.2f')} | {_fmt(r['gb_per_s'], '.1f')}" if gen
-                else _fmt(r["gflops"], ".0f"))
+        share = "—" if r.get("of_ceiling") is None else f"{r['of_ceiling']:.0%}"
+        rate = (f"{_fmt(r['ms_per_token'], '.2f')} | {_fmt(r['gb_per_s'], '.1f')} | {share}"
+                if gen else f"{_fmt(r['gflops'], '.0f')} | {share}")
         agreement = None if r["agreement"] is None else f"{r['agreement']:.1%}"
         cells = [r["name"], r["variant"], r["dtype"] or "—", _fmt(r["median_ms"]),
                  _fmt(r["p90_ms"]), thr, _fmt(r["speedup"], ".2f") + "x",
@@ -52,6 +53,12 @@ def markdown_table(doc: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Peak MB: growth of the process peak resident memory (CPU) or of the allocator "
               "peak (GPU) while the row was built and run, over what was resident before it."]
+    if doc.get("ceiling"):
+        c = doc["ceiling"]
+        best = ", ".join(f"{k} {v:.0f}" for k, v in c["ceiling_gflops"].items())
+        lines += ["", f"Ceilings measured at the start of this run (bench/ceiling.py): best GEMM "
+                      f"GFLOP/s per precision at BERT-base shapes {best}; memory reads "
+                      f"{c['read_gb_per_s']:.1f} GB/s."]
     notes = [f"{r['name']}: {r['notes']}" for r in doc["rows"]
              if r["status"] == "ok" and r["notes"] and r["variant"] == "full"]
     if notes:

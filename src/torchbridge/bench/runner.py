@@ -238,6 +238,9 @@ def run_benchmark(spec: BenchSpec, workdir: Path | None = None) -> dict[str, Any
         variants["padded"] = make_batch(reference.config, spec.batch_size, spec.seq_len,
                                         padded=True, left_pad=generation)
     flops = None if generation else count_flops(reference, variants["full"])
+    from torchbridge.bench.ceiling import measure
+
+    ceiling = measure(device, runs=3)
     ref_bytes = sum(p.numel() * p.element_size() for p in reference.parameters())
 
     names = ["baseline", "torchbridge", *(f"torchbridge-{v}" for v in spec.variants),
@@ -300,7 +303,7 @@ def run_benchmark(spec: BenchSpec, workdir: Path | None = None) -> dict[str, Any
                 row.max_abs_diff, row.agreement = fidelity(
                     out, reference_out[variant], batch["attention_mask"], generation)
             _rates(row, spec, timing.median_s, flops, backend.weight_bytes or ref_bytes,
-                   generation, batch)
+                   generation, ceiling)
             rows.append(row)
         del backend
         gc.collect()
@@ -324,20 +327,26 @@ def run_benchmark(spec: BenchSpec, workdir: Path | None = None) -> dict[str, Any
                       "variant masks rows down to ~1/4 length" + (" (left padding)"
                                                                   if generation else ""),
         },
+        "ceiling": ceiling,
         "rows": [r.to_dict() for r in rows],
         "optimization_info": optimization_info,
     }
 
 
 def _rates(row: Row, spec: BenchSpec, median_s: float, flops: int | None, weight_bytes: int,
-           generation: bool, batch: dict[str, torch.Tensor]) -> None:
+           generation: bool, ceiling: dict[str, Any]) -> None:
+    from torchbridge.bench.ceiling import ceiling_key
+
     if generation:
         tokens = spec.batch_size * spec.new_tokens
         row.throughput, row.throughput_unit = tokens / median_s, "tokens/s"
         row.ms_per_token = median_s * 1e3 / spec.new_tokens
         # every decode step streams all the weights once: the bandwidth the row achieves
         row.gb_per_s = weight_bytes / (median_s / spec.new_tokens) / 1e9
+        row.of_ceiling = row.gb_per_s / ceiling["read_gb_per_s"]
     else:
         row.throughput, row.throughput_unit = spec.batch_size / median_s, "sequences/s"
         if flops:
             row.gflops = flops / median_s / 1e9
+            best = ceiling["ceiling_gflops"].get(ceiling_key(row.dtype) or "")
+            row.of_ceiling = row.gflops / best if best else None
