@@ -37,6 +37,7 @@ CANDIDATES = {  # (dtype, weight format) per model kind
                 (torch.float32, "int8-weight-only"), (torch.bfloat16, "fp8-weight-only")],
     "causal-lm": [(torch.float32, None), (torch.bfloat16, None), (torch.float16, None),
                   (torch.float32, "int8-weight-only"), (torch.bfloat16, "int8-weight-only"),
+                  (torch.float32, "int8-dynamic"),
                   (torch.bfloat16, "fp8-weight-only")],
 }
 

@@ -5,7 +5,8 @@
 1. bert-base-uncased, sequence classification, batch 8 x seq 128 (full and mixed-length padded);
 2. gpt2, batch 1, 8-token prompt, 50 greedy new tokens.
 
-Beside the default torchbridge row: explicit fp32 and the int8 path (`--variants`).
+Beside the default torchbridge row: explicit fp32 and int8-dynamic (int8 weights and per-token
+int8 activations, what the int8 peers run), and for GPT-2 also int8-weight-only (`--variants`).
 
 Each model loads from a local folder or the Hugging Face cache; when it is not available offline
 it runs with seeded random weights (speed does not depend on the values) and the output says so.
@@ -26,9 +27,10 @@ from torchbridge.bench.runner import BenchSpec, run_benchmark
 from torchbridge.pipeline.loading import ModelNotAvailableError, load_config
 
 WORKLOADS = [
-    # (folder name, model, task, batch, seq or prompt length, new tokens)
-    ("bert-base-b8-s128", "bert-base-uncased", "sequence-classification", 8, 128, 0),
-    ("gpt2-50-tokens", "gpt2", "causal-lm", 1, 8, 50),
+    # (folder name, model, task, batch, seq or prompt length, new tokens, torchbridge variants)
+    ("bert-base-b8-s128", "bert-base-uncased", "sequence-classification", 8, 128, 0,
+     "fp32,int8-dynamic"),
+    ("gpt2-50-tokens", "gpt2", "causal-lm", 1, 8, 50, "fp32,int8-dynamic,int8-weight-only"),
 ]
 
 
@@ -46,20 +48,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--compare", default="all", help="peers (default: all; missing = skipped)")
     p.add_argument("--output", type=Path, default=Path("bench-results/headline"))
-    p.add_argument("--variants", default="fp32,int8",
-                   help="more torchbridge rows (default fp32,int8; '' for none)")
+    p.add_argument("--variants", default=None,
+                   help="more torchbridge rows, the same for both workloads (default: fp32 and "
+                        "int8-dynamic, plus int8-weight-only for GPT-2; '' for none)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for every row (default: torch's default). On a machine "
                         "shared with other jobs, 1 avoids threads waiting on each other")
     args = p.parse_args(argv)
     compare = parse_compare(args.compare)
     docs = {}
-    for folder, model, task, batch, seq, new in WORKLOADS:
+    for folder, model, task, batch, seq, new, default_variants in WORKLOADS:
+        variants = default_variants if args.variants is None else args.variants
         random = not available_offline(model)
         cmd = (f"torchbridge benchmark {model} --task {task} --batch-size {batch} --seq-len {seq}"
                + (f" --new-tokens {new}" if new else "") + (" --random-weights" if random else "")
                + f" --runs {args.runs} --warmup {args.warmup} --compare {args.compare}"
-               + (f" --variants {args.variants}" if args.variants else "")
+               + (f" --variants {variants}" if variants else "")
                + (f" --threads {args.threads}" if args.threads else "")
                + f" --output {args.output / folder}")
         print(f"$ {cmd}", file=sys.stderr)
@@ -69,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = BenchSpec(model=model, task=task, batch_size=batch, seq_len=seq,
                          new_tokens=new or 50, compare=compare, random_weights=random,
                          runs=args.runs, warmup=args.warmup, threads=args.threads,
-                         variants=[v for v in args.variants.split(",") if v])
+                         variants=[v for v in variants.split(",") if v])
         doc = run_benchmark(spec)
         doc["command"] = cmd
         write_results(doc, args.output / folder)

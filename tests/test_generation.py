@@ -149,6 +149,20 @@ def test_compiled_greedy_equals_eager_and_compiles_once(family, compiled):
 
 
 @torch.inference_mode()
+def test_compiled_int8_dynamic_decoding_equals_eager():
+    """int8-dynamic decoding: the compiled batch-1 step (oneDNN's int8 linear on CPUs that have
+    it, a custom op in the graph) gives the eager path's tokens."""
+    from torchbridge.precisions.int8_dynamic import quantize_dynamic_int8
+
+    model = quantize_dynamic_int8(BUILDERS["gpt2"]())
+    fast, eager = FastGenerator(model, compile=True), FastGenerator(model, compile=False)
+    prompt = torch.randint(2, 97, (1, 8), generator=torch.Generator().manual_seed(5))
+    got = fast.generate(prompt, max_new_tokens=24, min_new_tokens=24)
+    assert fast.stats["gemv_decode"] and fast.stats["compiles"] == 1
+    assert torch.equal(got, eager.generate(prompt, max_new_tokens=24, min_new_tokens=24))
+
+
+@torch.inference_mode()
 def test_verify_greedy_reports_agreement(compiled):
     model, fast = compiled["gpt2"]
     prompt = torch.randint(2, 97, (1, 8), generator=torch.Generator().manual_seed(7))

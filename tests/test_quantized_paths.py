@@ -38,6 +38,39 @@ def test_quantized_models_pass_verify(kind, model_type, task):
     assert sqnr_db(real(ref), real(out)) > 20
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch")
+def test_one_token_through_onednn_int8_is_the_modules_arithmetic():
+    from torchbridge.generation.decoders import DynamicProj
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    smooth = torch.rand(64) + 0.5
+    for module in (Int8DynamicLinear(linear), Int8DynamicLinear(linear, smooth=smooth)):
+        proj = DynamicProj(module)
+        assert proj.one_row
+        x = torch.randn(1, 1, 64)
+        x[..., 3] = 9.0  # a loud channel, one-sided overall
+        with torch.no_grad():
+            torch.testing.assert_close(proj(x, gemv=True), module(x), atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(proj(x, gemv=False), module(x))
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_int8_dynamic_causal_lms_decode_on_the_fast_path(model_type):
+    model = tiny_model(model_type, "causal-lm")
+    opt = TextModelOptimizer(no_compile(dtype=torch.float32, quantization="int8-dynamic"))
+    optimized = opt.optimize(model)
+    report = opt.get_optimization_info()
+    step = next(s for s in report["steps"] if s["name"] == "fast_generate")
+    assert step["applied"] and report["verify"]["passed"]
+    prompt = padded_batch(model.config, 1, 6)["input_ids"]
+    with torch.no_grad():
+        ours = optimized.generate(prompt, max_new_tokens=5, do_sample=False)
+        hf = type(model).generate(optimized, prompt, max_new_tokens=5, do_sample=False,
+                                  pad_token_id=model.config.eos_token_id)
+    assert torch.equal(ours, hf)  # the same int8 arithmetic, static cache or HF's
+
+
 def test_fp8_weights_halve_bf16_memory_and_stay_close():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.GELU(), torch.nn.Linear(48, 16))

@@ -93,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", default="all",
                    help=f"peers: all, none or a comma list of {', '.join(PEERS)}")
     p.add_argument("--variants", default="",
-                   help="more torchbridge rows, comma list of fp32, int8 (int8: int8 GEMMs for "
-                        "encoders, int8 weights for decoding)")
+                   help="more torchbridge rows, comma list of fp32, int8-dynamic, "
+                        "int8-weight-only")
     p.add_argument("--runs", type=positive_int, default=10, help="timed calls per row")
     p.add_argument("--warmup", type=int, default=2, help="discarded calls after the first")
     p.add_argument("--no-padded", action="store_true",

@@ -53,6 +53,11 @@ def markdown_table(doc: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Peak MB: growth of the process peak resident memory (CPU) or of the allocator "
               "peak (GPU) while the row was built and run, over what was resident before it."]
+    if gen:
+        lines += ["", "GB/s: weight bytes over time per token. Exact for torchbridge rows (the bytes "
+                      "one decode step reads); the model's size for the other torch rows; the "
+                      "converted file's size for runtimes, which can count an embedding table a "
+                      "step does not read (a share of the read rate over 100% means that)."]
     if doc.get("ceiling"):
         c = doc["ceiling"]
         best = ", ".join(f"{k} {v:.0f}" for k, v in c["ceiling_gflops"].items())

@@ -31,9 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchbridge.precisions.int8_dynamic import Int8DynamicLinear
 from torchbridge.precisions.int8_weight_only import Int8WeightOnlyLinear, int8_weight_matmul
 
-__all__ = ["Proj", "StaticKVCache", "CausalDecoder", "GPT2Decoder", "LlamaDecoder", "DECODERS"]
+__all__ = ["Proj", "DynamicProj", "ProjGroup", "StaticKVCache", "CausalDecoder", "GPT2Decoder",
+           "LlamaDecoder", "DECODERS"]
 
 
 class Proj(nn.Module):
@@ -46,7 +48,9 @@ class Proj(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.float().contiguous())
 
     @classmethod
-    def from_module(cls, module: nn.Module) -> Proj:
+    def from_module(cls, module: nn.Module) -> Proj | DynamicProj:
+        if isinstance(module, Int8DynamicLinear):
+            return DynamicProj(module)
         if isinstance(module, Int8WeightOnlyLinear):
             return cls(module.weight_int8, module.scales, module.bias)
         if isinstance(module, nn.Linear):
@@ -58,8 +62,10 @@ class Proj(nn.Module):
         raise TypeError(f"unsupported projection module {type(module).__name__}")
 
     @classmethod
-    def fuse(cls, parts: list[Proj]) -> Proj:
+    def fuse(cls, parts: list[Proj | DynamicProj]) -> Proj | ProjGroup:
         """Concatenate projections that read the same input (q|k|v, gate|up) along out."""
+        if any(isinstance(p, DynamicProj) for p in parts):
+            return ProjGroup(parts)  # each has its own activation scaling: run them side by side
         if len({p.weight.dtype for p in parts}) != 1 or len({p.scales is None for p in parts}) != 1:
             raise ValueError("cannot fuse projections of different precisions")
         w = torch.cat([p.weight for p in parts], 0)
@@ -95,6 +101,34 @@ class Proj(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y
+
+
+class DynamicProj(nn.Module):
+    """An int8-dynamic projection (int8 weights and per-token int8 activations) as the decoder
+    calls it: one token through oneDNN's prepacked int8 linear where the CPU has it, anything
+    else through the module's own forward."""
+
+    def __init__(self, module: Int8DynamicLinear):
+        super().__init__()
+        self.module = module
+        self.one_row = module.pack_for_one_row()
+
+    def forward(self, x: torch.Tensor, gemv: bool = False) -> torch.Tensor:
+        if gemv and self.one_row:
+            return self.module.forward_one_row(x)
+        return self.module(x)
+
+
+class ProjGroup(nn.Module):
+    """Projections that read the same input but cannot share one weight (int8-dynamic ones
+    scale their input each its own way), run side by side and concatenated along out."""
+
+    def __init__(self, parts: list[Proj | DynamicProj]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, x: torch.Tensor, gemv: bool = False) -> torch.Tensor:
+        return torch.cat([p(x, gemv) for p in self.parts], dim=-1)
 
 
 def _realize(x: torch.Tensor) -> torch.Tensor:
@@ -242,8 +276,9 @@ class CausalDecoder(nn.Module):
         a lookup reads one row)."""
         total = 0
         for m in self.modules():
-            if isinstance(m, Proj):
-                for t in (m.weight, m.scales, m.bias):
+            if isinstance(m, (Proj, Int8DynamicLinear)):
+                for t in (getattr(m, "weight", None), getattr(m, "weight_t", None), m.scales,
+                          m.bias):
                     if t is not None:
                         total += t.numel() * t.element_size()
         for p in self.norm_params():

@@ -39,22 +39,12 @@ def _generation_config_kwargs(generation_config) -> dict[str, Any]:
     return diff
 
 
-def fast_generate_applies(model: nn.Module) -> bool:
-    from torchbridge.generation import FastGenerator
-    from torchbridge.precisions.int8_dynamic import Int8DynamicLinear
-
-    # int8-dynamic is for compute-bound encoders; the decoder path reads float or int8 weights
-    return FastGenerator.supports(model) and not any(
-        isinstance(m, Int8DynamicLinear) for m in model.modules())
-
-
 def attach_fast_generate(model: nn.Module, plan: Plan, report: OptimizationReport) -> None:
     """The step: route the model's ``generate`` through the static-cache decoder."""
     from torchbridge.generation import FastGenerator
 
-    if not fast_generate_applies(model):
-        report.step("fast_generate", False, f"no static-cache decoder for {report.model_type}"
-                    f"{' with int8-dynamic' if plan.quantization == 'int8-dynamic' else ''}: "
+    if not FastGenerator.supports(model):
+        report.step("fast_generate", False, f"no static-cache decoder for {report.model_type}: "
                     "generate is transformers' own")
         return
     generator = FastGenerator(model, compile=plan.compile, compile_mode=plan.compile_mode)
