@@ -34,7 +34,9 @@ core; full numbers and commands in docs/int8.md):
   rest of the bf16 graph did not make up for it.
 * oneDNN's own int8 linear (``onednn.qlinear_pointwise``, rescale + bias + bf16 output fused in
   the GEMM, no int32 round trip) was 1.29x the per-token ``_int_mm`` projection, still slower
-  than bf16, and it takes one activation scale per tensor only; not adopted.
+  than bf16, and it takes one activation scale per tensor only; not adopted for batches. It is
+  used for one token at a time (``forward_one_row``, batch-1 decoding), where one tensor is one
+  token and the kernel's job is streaming the prepacked weight.
 """
 
 from __future__ import annotations
