@@ -47,12 +47,14 @@ def test_one_token_through_onednn_int8_is_the_modules_arithmetic():
     smooth = torch.rand(64) + 0.5
     for module in (Int8DynamicLinear(linear), Int8DynamicLinear(linear, smooth=smooth)):
         proj = DynamicProj(module)
-        assert proj.one_row
+        assert proj.one_row is not None
+        before = set(module.state_dict())
         x = torch.randn(1, 1, 64)
         x[..., 3] = 9.0  # a loud channel, one-sided overall
         with torch.no_grad():
             torch.testing.assert_close(proj(x, gemv=True), module(x), atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(proj(x, gemv=False), module(x))
+        assert set(module.state_dict()) == before  # the model's module is not modified
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])

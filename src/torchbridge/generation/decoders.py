@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchbridge.precisions.int8_dynamic import Int8DynamicLinear
+from torchbridge.precisions.int8_dynamic import Int8DynamicLinear, forward_one_row, prepack_one_row
 from torchbridge.precisions.int8_weight_only import Int8WeightOnlyLinear, int8_weight_matmul
 
 __all__ = ["Proj", "DynamicProj", "ProjGroup", "StaticKVCache", "CausalDecoder", "GPT2Decoder",
@@ -105,17 +105,17 @@ class Proj(nn.Module):
 
 class DynamicProj(nn.Module):
     """An int8-dynamic projection (int8 weights and per-token int8 activations) as the decoder
-    calls it: one token through oneDNN's prepacked int8 linear where the CPU has it, anything
-    else through the module's own forward."""
+    calls it: one token through oneDNN's int8 linear on a copy of the weight prepacked for it,
+    where the CPU has it; anything else through the model's own module (shared, not modified)."""
 
     def __init__(self, module: Int8DynamicLinear):
         super().__init__()
         self.module = module
-        self.one_row = module.pack_for_one_row()
+        self.one_row = prepack_one_row(module)  # (packed weight, zero points) or None
 
     def forward(self, x: torch.Tensor, gemv: bool = False) -> torch.Tensor:
-        if gemv and self.one_row:
-            return self.module.forward_one_row(x)
+        if gemv and self.one_row is not None:
+            return forward_one_row(self.module, x, *self.one_row)
         return self.module(x)
 
 

@@ -35,7 +35,7 @@ core; full numbers and commands in docs/int8.md):
 * oneDNN's own int8 linear (``onednn.qlinear_pointwise``, rescale + bias + bf16 output fused in
   the GEMM, no int32 round trip) was 1.29x the per-token ``_int_mm`` projection, still slower
   than bf16, and it takes one activation scale per tensor only; not adopted for batches. It is
-  used for one token at a time (``forward_one_row``, batch-1 decoding), where one tensor is one
+  used for one token at a time (`forward_one_row`, batch-1 decoding), where one tensor is one
   token and the kernel's job is streaming the prepacked weight.
 """
 
@@ -124,39 +124,40 @@ class Int8DynamicLinear(nn.Module):
             y = y.add_(self.bias)
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
-    def pack_for_one_row(self) -> bool:
-        """On a CPU with oneDNN, also keep the weight prepacked for oneDNN's int8 linear, which
-        `forward_one_row` uses: batch-1 decoding, where the projection only streams weights
-        (GPT-2, 50 tokens: 10.1 vs 14.1 ms/token for the int8-weight-only reduction, ad hoc;
-        kernels alone: benchmarks/decode_kernels.py)."""
-        if self.weight_t.device.type != "cpu" or not torch.backends.mkldnn.is_available():
-            return False
-        weight = self.weight_t.t().contiguous()
-        self.packed_one_row = torch.ops.onednn.qlinear_prepack(weight, [1, self.in_features])
-        self.register_buffer("weight_zeros", torch.zeros(self.out_features, dtype=torch.int32))
-        return True
-
-    def forward_one_row(self, x: torch.Tensor) -> torch.Tensor:
-        """``forward`` for one token ([1, 1, in]), through the prepacked oneDNN int8 linear: one
-        row's per-tensor scale and zero point are its per-token ones, so the arithmetic is
-        ``forward``'s (uint8 with a zero point instead of int8 with one)."""
-        x2 = x.reshape(1, self.in_features).float()
-        if self.inv_smooth is not None:
-            x2 = x2 * self.inv_smooth
-        low, high = x2.amin().clamp(max=0.0), x2.amax().clamp(min=0.0)
-        x_scale = ((high - low) / 255.0).clamp(min=1e-8)
-        zero = torch.round(-low / x_scale)
-        xu = (torch.round(x2 / x_scale) + zero).clamp(0, 255).to(torch.uint8)
-        y = onednn_int8_linear(xu, x_scale.reshape(1), zero.to(torch.int32).reshape(1),
-                               self.packed_one_row, self.scales, self.weight_zeros,
-                               self.out_features)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-
     def extra_repr(self) -> str:
         smooth = ", smoothed" if self.inv_smooth is not None else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 dynamic{smooth}"
+
+
+def prepack_one_row(module: Int8DynamicLinear) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The module's weight prepacked for oneDNN's int8 linear, with its (zero) zero points, for
+    `forward_one_row`; None where there is no oneDNN (not a CPU tensor, or a torch without it).
+    Batch-1 decoding is where this pays: the projection only streams the weight (GPT-2, 50
+    tokens: ~10 vs ~14 ms/token for int8-weight-only's reduction, docs/int8.md)."""
+    if module.weight_t.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return None
+    weight = module.weight_t.t().contiguous()
+    packed = torch.ops.onednn.qlinear_prepack(weight, [1, module.in_features])
+    return packed, torch.zeros(module.out_features, dtype=torch.int32)
+
+
+def forward_one_row(module: Int8DynamicLinear, x: torch.Tensor, packed: torch.Tensor,
+                    weight_zeros: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` for one token ([1, 1, in]) through the weight `prepack_one_row` made: one
+    row's per-tensor scale and zero point are its per-token ones, so the arithmetic is the
+    module's (uint8 with a zero point instead of int8 with one)."""
+    x2 = x.reshape(1, module.in_features).float()
+    if module.inv_smooth is not None:
+        x2 = x2 * module.inv_smooth
+    low, high = x2.amin().clamp(max=0.0), x2.amax().clamp(min=0.0)
+    x_scale = ((high - low) / 255.0).clamp(min=1e-8)
+    zero = torch.round(-low / x_scale)
+    xu = (torch.round(x2 / x_scale) + zero).clamp(0, 255).to(torch.uint8)
+    y = onednn_int8_linear(xu, x_scale.reshape(1), zero.to(torch.int32).reshape(1), packed,
+                           module.scales, weight_zeros, module.out_features)
+    if module.bias is not None:
+        y = y + module.bias
+    return y.to(x.dtype).reshape(*x.shape[:-1], module.out_features)
 
 
 def quantize_dynamic_int8(model: nn.Module, *, include_head: bool = True,
