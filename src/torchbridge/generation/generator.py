@@ -103,9 +103,15 @@ class FastGenerator:
             fn = CausalDecoder.decode_step
             own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__,
                                      fn.__defaults__, fn.__closure__)
+            # No guards on the decoder's own modules and buffers: it is private to this
+            # generator and never changes after construction, and checking ~150 tensors'
+            # properties before every step cost 0.4 ms of GPT-2's ~16.5 ms/token on the
+            # development CPU (16.36 vs 16.74 ms, interleaved, ad hoc). The arguments (cache,
+            # positions, tokens) keep their guards, which is what picks a graph per cache.
             compiled = torch.compile(
                 types.MethodType(own, self.decoder), backend=backend, fullgraph=True,
                 dynamic=False,
+                options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe},
             )
 
             def step(*args: Any) -> torch.Tensor:
