@@ -12,7 +12,7 @@ kernel, median of ``--runs`` after warm-up, and reports ms per token and GB/s of
 * int8 weights and int8 activations: ``torch._int_mm`` at M = 1, and oneDNN's
   ``onednn.qlinear_pointwise`` with prepacked weights (the activation quantized per tensor,
   which at one row is per token);
-* a streaming ``sum`` over 256 MB of fp32: the read bandwidth itself.
+* the memory read rate itself (a sum over 256 MB of fp32, bench/ceiling.py).
 
 Kernels only: the decode step's other work (norms, attention, the compiled graph's dispatch)
 comes on top. Writes JSON:
@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,19 +31,15 @@ import torch
 import torch.nn.functional as F
 
 from torchbridge.backends import describe, detect
+from torchbridge.bench.ceiling import read_gb_per_s
+from torchbridge.bench.harness import time_callable
 
 LAYER = [(2304, 768), (768, 768), (3072, 768), (768, 3072)]  # GPT-2 (out, in)
 SHAPES = LAYER * 12 + [(50257, 768)]
 
 
 def median_ms(fn: Callable[[], object], runs: int) -> float:
-    fn(), fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    return time_callable(fn, runs=runs, warmup=2).median_s * 1e3
 
 
 def main() -> None:
@@ -65,9 +59,9 @@ def main() -> None:
         print(f"{name:>40}: {ms:6.2f} ms/token  {nbytes / ms / 1e6:5.1f} GB/s", flush=True)
 
     with torch.inference_mode():
-        big = torch.randn(64 * 2**20)
-        record("fp32 sum (read bandwidth)", median_ms(big.sum, args.runs), big.numel() * 4)
-        del big
+        read = read_gb_per_s(torch.device("cpu"), runs=args.runs)
+        rows["memory reads (bench/ceiling.py)"] = {"gb_per_s": read}
+        print(f"{'memory reads (bench/ceiling.py)':>40}: {read:5.1f} GB/s", flush=True)
         plain = [w.bfloat16() for w in weights]
         record("bf16 F.linear", median_ms(
             lambda: [F.linear(xb[w.shape[1]], w) for w in plain], args.runs), 2 * n)

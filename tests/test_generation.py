@@ -12,7 +12,7 @@ import transformers
 from transformers.generation.streamers import BaseStreamer
 
 from torchbridge.generation import FastGenerator, cache_length_bucket, verify_greedy
-from torchbridge.generation.decoders import Proj
+from torchbridge.generation.projections import Proj
 from torchbridge.precisions.int8_weight_only import Int8WeightOnlyLinear, quantize_weights_int8, sqnr_db
 
 EOS = 97

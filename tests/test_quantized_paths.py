@@ -40,7 +40,7 @@ def test_quantized_models_pass_verify(kind, model_type, task):
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch")
 def test_one_token_through_onednn_int8_is_the_modules_arithmetic():
-    from torchbridge.generation.decoders import DynamicProj
+    from torchbridge.generation.projections import DynamicProj
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 48)

@@ -18,6 +18,8 @@ import torch
 from torchbridge.pipeline.decoding import fast_generator
 from torchbridge.precisions import DTYPE_SPELLINGS
 
+from .ceiling import ceiling_key
+from .ceiling import measure as measure_ceiling
 from .harness import (
     PeakMemory,
     Row,
@@ -236,9 +238,7 @@ def run_benchmark(spec: BenchSpec, workdir: Path | None = None) -> dict[str, Any
         variants["padded"] = make_batch(reference.config, spec.batch_size, spec.seq_len,
                                         padded=True, left_pad=generation)
     flops = None if generation else count_flops(reference, variants["full"])
-    from torchbridge.bench.ceiling import measure
-
-    ceiling = measure(device, runs=3)
+    ceiling = measure_ceiling(device, runs=3)
     ref_bytes = sum(p.numel() * p.element_size() for p in reference.parameters())
 
     names = ["baseline", "torchbridge", *(f"torchbridge-{v}" for v in spec.variants),
@@ -333,8 +333,6 @@ def run_benchmark(spec: BenchSpec, workdir: Path | None = None) -> dict[str, Any
 
 def _rates(row: Row, spec: BenchSpec, median_s: float, flops: int | None, weight_bytes: int,
            generation: bool, ceiling: dict[str, Any]) -> None:
-    from torchbridge.bench.ceiling import ceiling_key
-
     if generation:
         tokens = spec.batch_size * spec.new_tokens
         row.throughput, row.throughput_unit = tokens / median_s, "tokens/s"

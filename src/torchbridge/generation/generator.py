@@ -86,7 +86,7 @@ class FastGenerator:
             "weight_bytes_per_token": self.decoder.weight_bytes_per_token(),
         }
         if compile:
-            import torch._inductor.inductor_prims  # noqa: F401  (used by decoders._realize)
+            import torch._inductor.inductor_prims  # noqa: F401  (used by projections._realize)
 
             options = _inductor_options(compile_mode, self.device)
 

@@ -50,6 +50,16 @@ from torchbridge.precisions.int8_weight_only import quantize_per_channel
 from torchbridge.precisions.swap import swap_linears, weight_out_in
 
 
+def asymmetric_grid(x2: torch.Tensor, per_row: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, uint8 zero point) mapping [min, max] of each row (or of the whole tensor), widened
+    to include 0, onto [0, 255]. Asymmetric, so a one-sided input (after GELU nearly all of it is
+    >= 0) keeps all 256 levels, not 128."""
+    low = x2.amin(dim=1, keepdim=True) if per_row else x2.amin()
+    high = x2.amax(dim=1, keepdim=True) if per_row else x2.amax()
+    x_scale = ((high.clamp(min=0.0) - low.clamp(max=0.0)) / 255.0).clamp(min=1e-8)
+    return x_scale, torch.round(-low.clamp(max=0.0) / x_scale)
+
+
 @torch.library.custom_op("torchbridge::onednn_int8_linear", mutates_args=())
 def onednn_int8_linear(xu: torch.Tensor, x_scale: torch.Tensor, x_zero: torch.Tensor,
                        packed: torch.Tensor, w_scales: torch.Tensor, w_zeros: torch.Tensor,
@@ -98,17 +108,16 @@ class Int8DynamicLinear(nn.Module):
         bias = getattr(module, "bias", None)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
 
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """x as fp32 rows [tokens, in], divided by the smoothing scales if any."""
+        x2 = x.reshape(-1, self.in_features).float()
+        return x2 if self.inv_smooth is None else x2 * self.inv_smooth
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features).float()
-        if self.inv_smooth is not None:
-            x2 = x2 * self.inv_smooth
-        # asymmetric per token: [min, max] onto [-128, 127] with an integer zero point, so a
-        # one-sided input (after GELU nearly all of it is >= 0) keeps all 256 levels, not 128
-        low = x2.amin(dim=1, keepdim=True).clamp(max=0.0)
-        high = x2.amax(dim=1, keepdim=True).clamp(min=0.0)
-        x_scale = ((high - low) / 255.0).clamp(min=1e-8)
-        zero = -128.0 - torch.round(low / x_scale)
+        x2 = self.rows(x)
+        x_scale, zero = asymmetric_grid(x2, per_row=True)
+        zero = zero - 128.0  # the same grid on int8: [-128, 127]
         xq = (torch.round(x2 / x_scale) + zero).clamp(-128, 127).to(torch.int8)
         if x2.device.type == "cuda" and xq.shape[0] <= 16:
             # cuBLAS int8 GEMM needs M > 16; tiny batches are bandwidth-bound anyway. The device
@@ -146,12 +155,8 @@ def forward_one_row(module: Int8DynamicLinear, x: torch.Tensor, packed: torch.Te
     """``module(x)`` for one token ([1, 1, in]) through the weight `prepack_one_row` made: one
     row's per-tensor scale and zero point are its per-token ones, so the arithmetic is the
     module's (uint8 with a zero point instead of int8 with one)."""
-    x2 = x.reshape(1, module.in_features).float()
-    if module.inv_smooth is not None:
-        x2 = x2 * module.inv_smooth
-    low, high = x2.amin().clamp(max=0.0), x2.amax().clamp(min=0.0)
-    x_scale = ((high - low) / 255.0).clamp(min=1e-8)
-    zero = torch.round(-low / x_scale)
+    x2 = module.rows(x)
+    x_scale, zero = asymmetric_grid(x2, per_row=False)
     xu = (torch.round(x2 / x_scale) + zero).clamp(0, 255).to(torch.uint8)
     y = onednn_int8_linear(xu, x_scale.reshape(1), zero.to(torch.int32).reshape(1), packed,
                            module.scales, weight_zeros, module.out_features)
