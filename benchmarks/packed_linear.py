@@ -3,7 +3,9 @@
 For each model and shape (rows = batch x seq): the same bf16 model with plain ``nn.Linear``
 weights; packed in the layout oneDNN picks for ``rows`` rows ("row-count layout", what inductor's
 freezing and our first packing did); and packed as the library packs (``pack_linear_weights``:
-per weight shape the faster at ``rows`` of the one-row and the row-count layout). Timed
+per weight shape the faster at ``rows`` of the one-row and the row-count layout); and that plus
+the fusions the packing step adds (pipeline/fusion.py: q/k/v as one GEMM, the FFN's GELU as a
+post-op), which is what the optimizer builds. Timed
 interleaved in this one process (rounds of ``--runs`` calls each, order rotating, median of the
 per-round medians and p90), the first call apart, and the min cosine of each packed model's
 outputs to the plain one's. Models: real
@@ -26,19 +28,26 @@ import torch
 
 from torchbridge.backends import describe, detect
 from torchbridge.bench.harness import time_callable
-from torchbridge.pipeline import packing
+from torchbridge.pipeline import fusion, packing
 from torchbridge.pipeline.loading import load_model
 
-VARIANTS = ("plain", "row-count layout", "chosen layout")
+VARIANTS = ("plain", "row-count layout", "chosen layout", "chosen layout + fusions")
 
 
-def packed_copy(model: torch.nn.Module, rows: int, choose: bool) -> torch.nn.Module:
+def packed_copy(model: torch.nn.Module, rows: int, variant: str) -> torch.nn.Module:
     packed = copy.deepcopy(model)
-    if choose:
-        packing.pack_linear_weights(packed, rows)
-    else:  # every weight in the layout oneDNN picks for `rows` rows
+    if variant == "plain":
+        return packed
+    fuse = variant.endswith("+ fusions")
+    if fuse:
+        fusion.fuse_qkv(packed)
+    if variant == "row-count layout":  # every weight in the layout oneDNN picks for `rows` rows
         with mock.patch.object(packing, "fastest_rows_hint", lambda weight, rows: rows):
             packing.pack_linear_weights(packed, rows)
+    else:
+        packing.pack_linear_weights(packed, rows)
+    if fuse:
+        fusion.fuse_gelu(packed)
     return packed
 
 
@@ -75,8 +84,7 @@ def main() -> None:
         for batch, seq in shapes:
             ids = torch.randint(1000, 2000, (batch, seq), generator=torch.Generator().manual_seed(0))
             inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-            variants = dict(zip(VARIANTS, (plain, packed_copy(plain, batch * seq, False),
-                                           packed_copy(plain, batch * seq, True)), strict=True))
+            variants = {v: packed_copy(plain, batch * seq, v) for v in VARIANTS}
             calls = {k: (lambda m=m, inputs=inputs: m(**inputs)[0]) for k, m in variants.items()}
             with torch.no_grad():
                 ref = calls["plain"]().float().flatten(0, -2)
@@ -84,7 +92,7 @@ def main() -> None:
                     calls[k]().float().flatten(0, -2), ref, dim=-1).min().item() for k in calls}
                 timings: dict[str, list] = {k: [] for k in calls}
                 for r in range(args.rounds):
-                    for k in VARIANTS[r % 3:] + VARIANTS[:r % 3]:
+                    for k in VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]:
                         timings[k].append(time_callable(calls[k], runs=args.runs, warmup=1))
             med = {k: statistics.median(t.median_s for t in v) * 1e3 for k, v in timings.items()}
             p90 = {k: statistics.median(t.p90_s for t in v) * 1e3 for k, v in timings.items()}

@@ -25,10 +25,10 @@ projections packed, called through the custom op from the compiled step) ran 16.
 against 16.6 for inductor's fused reduction on a quiet hour and 21.2 against 19.8 on a busy one,
 interleaved in one process (ad hoc); the kernels alone agree (`python benchmarks/decode_kernels.py`:
 12.7 vs 10.8 ms per token of weights): batch-1 decoding is bound by memory reads, which the
-layout does not change. For encoders,
-oneDNN's GELU post-op on the FFN-in projection (2.49 vs 2.77 ms for linear + GELU at BERT-base's
-1,024 rows in isolation) made no difference to the whole forward (134 vs 136 ms, 18.1 vs 17.9 ms
-at 1 x 16, interleaved), so the GELU stays a separate op.
+layout does not change.
+
+What the packing step fuses on top (q/k/v as one GEMM, the FFN's GELU as a post-op of its
+first GEMM) is in `pipeline/fusion.py`.
 """
 
 from __future__ import annotations
@@ -46,29 +46,36 @@ def pack_weight(weight: Tensor, rows_hint: int) -> Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), rows_hint)
 
 
+# The activations oneDNN can apply to the GEMM's output before it is written (post-ops):
+# name -> the algorithm argument of mkldnn._linear_pointwise ("none" = erf, the exact GELU).
+POST_OPS = {"none": "", "gelu": "none"}
+
+
 @torch.library.custom_op("torchbridge::onednn_linear", mutates_args=())
-def _onednn_linear_op(x: Tensor, packed: Tensor, bias: Tensor | None, out_features: int) -> Tensor:
-    return _onednn_linear_eager(x, packed, bias, out_features)
+def _onednn_linear_op(x: Tensor, packed: Tensor, bias: Tensor | None, out_features: int,
+                      post_op: str) -> Tensor:
+    return _onednn_linear_eager(x, packed, bias, out_features, post_op)
 
 
 @_onednn_linear_op.register_fake
-def _(x: Tensor, packed: Tensor, bias: Tensor | None, out_features: int) -> Tensor:
+def _(x: Tensor, packed: Tensor, bias: Tensor | None, out_features: int, post_op: str) -> Tensor:
     return x.new_empty(*x.shape[:-1], out_features)
 
 
-def _onednn_linear_eager(x: Tensor, packed: Tensor, bias: Tensor | None,
-                         out_features: int) -> Tensor:
-    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, bias, "none",
-                                           [], "")
+def _onednn_linear_eager(x: Tensor, packed: Tensor, bias: Tensor | None, out_features: int,
+                         post_op: str = "none") -> Tensor:
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, bias, post_op,
+                                           [], POST_OPS[post_op])
     return y.reshape(*x.shape[:-1], out_features)
 
 
-def onednn_linear(x: Tensor, packed: Tensor, bias: Tensor | None, out_features: int) -> Tensor:
-    """y = x W^T + b with W packed by `pack_weight`; x and b bf16. Eager calls skip the custom
-    op's dispatch (~15 us a call, which a 37-linear MiniLM forward at batch 1 would feel)."""
+def onednn_linear(x: Tensor, packed: Tensor, bias: Tensor | None, out_features: int,
+                  post_op: str = "none") -> Tensor:
+    """y = post_op(x W^T + b) with W packed by `pack_weight`; x and b bf16. Eager calls skip the
+    custom op's dispatch (~15 us a call, which a 37-linear MiniLM forward at batch 1 would feel)."""
     if torch.compiler.is_compiling():
-        return _onednn_linear_op(x, packed, bias, out_features)
-    return _onednn_linear_eager(x, packed, bias, out_features)
+        return _onednn_linear_op(x, packed, bias, out_features, post_op)
+    return _onednn_linear_eager(x, packed, bias, out_features, post_op)
 
 
 def fastest_rows_hint(weight: Tensor, rows: int, runs: int = 5) -> int:
@@ -97,13 +104,14 @@ class PackedLinear(nn.Module):
         self.rows_hint = rows_hint
         self.packed = pack_weight(linear.weight, rows_hint)
         self.bias = linear.bias
+        self.post_op = "none"  # an activation fused into the GEMM (pipeline/fusion.py sets it)
 
     @property
     def weight(self) -> Tensor:
         return self.packed.to_dense()
 
     def forward(self, x: Tensor) -> Tensor:
-        return onednn_linear(x, self.packed, self.bias, self.out_features)
+        return onednn_linear(x, self.packed, self.bias, self.out_features, self.post_op)
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -116,11 +124,14 @@ class PackedLinear(nn.Module):
         plain.weight = nn.Parameter(self.weight, requires_grad=False)
         if self.bias is not None:
             plain.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=False)
-        return PackedLinear(plain, self.rows_hint)
+        clone = PackedLinear(plain, self.rows_hint)
+        clone.post_op = self.post_op
+        return clone
 
     def extra_repr(self) -> str:
+        post = f", then {self.post_op}" if self.post_op != "none" else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"oneDNN-packed for {self.rows_hint} rows")
+                f"oneDNN-packed for {self.rows_hint} rows{post}")
 
 
 def pack_linear_weights(model: nn.Module, rows: int) -> tuple[int, dict[str, int]]:
