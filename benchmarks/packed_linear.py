@@ -4,8 +4,8 @@ For each model and shape (rows = batch x seq): the same bf16 model with plain ``
 weights; packed in the layout oneDNN picks for ``rows`` rows ("row-count layout", what inductor's
 freezing and our first packing did); and packed as the library packs (``pack_linear_weights``:
 per weight shape the faster at ``rows`` of the one-row and the row-count layout); and that plus
-the fusions the packing step adds (pipeline/fusion.py: q/k/v as one GEMM, the FFN's GELU as a
-post-op), which is what the optimizer builds. Timed
+the fusions the packing step adds (pipeline/fusion.py: q/k/v as one GEMM, the FFN's GELU and the
+residual adds as post-ops), which is what the optimizer builds. Timed
 interleaved in this one process (rounds of ``--runs`` calls each, order rotating, median of the
 per-round medians and p90), the first call apart, and the min cosine of each packed model's
 outputs to the plain one's. Models: real
@@ -48,6 +48,7 @@ def packed_copy(model: torch.nn.Module, rows: int, variant: str) -> torch.nn.Mod
         packing.pack_linear_weights(packed, rows)
     if fuse:
         fusion.fuse_gelu(packed)
+        fusion.fuse_residual_add(packed)
     return packed
 
 

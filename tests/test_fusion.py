@@ -7,7 +7,13 @@ import torch
 from conftest import tiny_model
 
 from torchbridge.backends import detect, device_ops
-from torchbridge.pipeline.fusion import FusedQKVSelfAttention, fuse_gelu, fuse_qkv
+from torchbridge.pipeline.fusion import (
+    FusedQKVSelfAttention,
+    ResidualOutput,
+    fuse_gelu,
+    fuse_qkv,
+    fuse_residual_add,
+)
 from torchbridge.pipeline.packing import PackedLinear, pack_linear_weights
 
 needs_onednn = pytest.mark.skipif(not device_ops(detect("cpu")).packs_linear_weights,
@@ -100,6 +106,29 @@ def test_the_ffn_gelu_moves_into_the_packed_gemm(model_type):
 
 
 @needs_onednn
+def test_the_residual_add_moves_into_the_output_gemm():
+    torch.manual_seed(0)
+    packed = PackedLinear(torch.nn.Linear(64, 48).to(torch.bfloat16), rows_hint=16)
+    x = torch.randn(3, 7, 64, dtype=torch.bfloat16)
+    residual = torch.randn(3, 7, 48, dtype=torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(packed.plus(x, residual).float(),
+                                   (packed(x) + residual).float(), atol=3e-2, rtol=2e-2)
+    model = tiny_model("roberta", "sequence-classification").to(torch.bfloat16)
+    pack_linear_weights(model, rows=16)
+    fused = copy.deepcopy(model)
+    assert fuse_residual_add(fused) == 4  # attention output and FFN output, per layer
+    assert sum(isinstance(m, ResidualOutput) for m in fused.modules()) == 4
+    assert fused.state_dict().keys() == model.state_dict().keys()
+    ids, mask = _batch(3)
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits.float()
+        got = fused(input_ids=ids, attention_mask=mask).logits.float()
+    torch.testing.assert_close(got, want, atol=3e-2, rtol=2e-2)
+    assert fuse_residual_add(tiny_model("bert", "sequence-classification")) == 0  # unpacked
+
+
+@needs_onednn
 def test_the_optimizer_fuses_where_it_packs_bf16_linears():
     from torchbridge.models.text import TextModelConfig, TextModelOptimizer
 
@@ -111,3 +140,4 @@ def test_the_optimizer_fuses_where_it_packs_bf16_linears():
     step = next(s for s in opt.report.steps if s.name == "packed weights")
     assert "query/key/value as one GEMM in 2 self-attention blocks" in step.detail
     assert "GELU inside the GEMM before it in 2 feed-forward blocks" in step.detail
+    assert "residual add inside the GEMM before it in 4 output blocks" in step.detail

@@ -11,10 +11,14 @@
 * **The FFN's GELU inside its first GEMM.** oneDNN applies an exact (erf) GELU to the GEMM's
   fp32 accumulator before writing bf16 (a post-op): one pass less over the widest activation
   (`fuse_gelu`, on packed linears only; the activation module becomes ``nn.Identity``).
+* **The residual add inside the output GEMM** of each attention and feed-forward block (a
+  binary post-op, `fuse_residual_add`): one pass less before each LayerNorm. In eval mode only;
+  in training the dropout sits between the two.
 
 Each output column is the same dot product as before, so outputs move only by the GEMM's
-summation order (and the GELU by being taken before the bf16 rounding instead of after).
-`python benchmarks/packed_linear.py` measures both on whole models against packing alone.
+summation order (and the GELU and the add by being taken before the bf16 rounding instead of
+after). `python benchmarks/packed_linear.py` measures the three on whole models against packing
+alone.
 """
 
 from __future__ import annotations
@@ -137,3 +141,39 @@ def fuse_gelu(model: nn.Module) -> int:
                 setattr(module, act_name, nn.Identity())
                 moved += 1
     return moved
+
+
+# Hugging Face modules whose forward is LayerNorm(dropout(dense(hidden)) + input) (the output
+# projection and residual of BERT-style attention and feed-forward blocks).
+_RESIDUAL_OUTPUTS = frozenset({"BertSelfOutput", "BertOutput", "RobertaSelfOutput",
+                               "RobertaOutput"})
+
+
+class ResidualOutput(nn.Module):
+    """A `_RESIDUAL_OUTPUTS` module whose packed dense GEMM also adds the residual; the same
+    submodules under the same names, so the state dict is unchanged."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.dense, self.dropout, self.LayerNorm = block.dense, block.dropout, block.LayerNorm
+        self.train(block.training)
+
+    def forward(self, hidden_states: Tensor, input_tensor: Tensor) -> Tensor:
+        if self.training:  # dropout comes between the GEMM and the add
+            return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
+        return self.LayerNorm(self.dense.plus(hidden_states, input_tensor))
+
+
+def fuse_residual_add(model: nn.Module) -> int:
+    """Swap every `_RESIDUAL_OUTPUTS` module whose dense linear is packed for a
+    `ResidualOutput`, in place; returns how many were swapped."""
+    from .packing import PackedLinear
+
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child).__name__ in _RESIDUAL_OUTPUTS \
+                    and isinstance(getattr(child, "dense", None), PackedLinear):
+                setattr(parent, name, ResidualOutput(child))
+                swapped += 1
+    return swapped

@@ -113,6 +113,16 @@ class PackedLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return onednn_linear(x, self.packed, self.bias, self.out_features, self.post_op)
 
+    def plus(self, x: Tensor, residual: Tensor) -> Tensor:
+        """``self(x) + residual`` with the add done by oneDNN on the GEMM's output before it is
+        written (a binary post-op; eager only, and only without another post-op)."""
+        if self.post_op != "none" or torch.compiler.is_compiling():
+            return self(x) + residual
+        y = torch.ops.mkldnn._linear_pointwise.binary(
+            x.reshape(-1, x.shape[-1]), residual.reshape(-1, self.out_features), self.packed,
+            self.bias, "add")
+        return y.reshape(*x.shape[:-1], self.out_features)
+
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
         destination[prefix + "weight"] = self.weight

@@ -65,13 +65,13 @@ def to_device(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn.Mo
 def pack_weights(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn.Module:
     pack, reason = plan.pack_weights
     if pack:
-        from .fusion import fuse_gelu, fuse_qkv
+        from .fusion import fuse_gelu, fuse_qkv, fuse_residual_add
         from .packing import pack_linear_weights
 
         rows, seq = plan.warmup_shape
         fused = fuse_qkv(model)
         swapped, hints = pack_linear_weights(model, rows * seq)
-        gelus = fuse_gelu(model)
+        gelus, adds = fuse_gelu(model), fuse_residual_add(model)
         layouts = ", ".join(f"{shape}: {hint}" for shape, hint in hints.items())
         reason += (f" ({swapped} linears; layout per weight shape, the faster at "
                    f"{rows * seq} rows of the 1-row and {rows * seq}-row ones: {layouts})")
@@ -79,6 +79,8 @@ def pack_weights(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn
             reason += f"; query/key/value as one GEMM in {fused} self-attention blocks"
         if gelus:
             reason += f"; GELU inside the GEMM before it in {gelus} feed-forward blocks"
+        if adds:
+            reason += f"; residual add inside the GEMM before it in {adds} output blocks"
     report.step("packed weights", pack, reason)
     return model
 
