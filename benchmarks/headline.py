@@ -1,6 +1,6 @@
 """The guide's two headline workloads, measured here against the baseline and the installed peers.
 
-    python benchmarks/headline.py [--runs N] [--compare LIST] [--output DIR]
+    python benchmarks/headline.py [--runs N] [--rounds N] [--compare LIST] [--output DIR]
 
 1. bert-base-uncased, sequence classification, batch 8 x seq 128 (full and mixed-length padded);
 2. gpt2, batch 1, 8-token prompt, 50 greedy new tokens.
@@ -44,7 +44,9 @@ def available_offline(name: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--runs", type=int, default=5, help="timed calls per row (default 5)")
+    p.add_argument("--runs", type=int, default=2, help="timed calls per row and round (default 2)")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="rounds interleaved across the rows (default 5: 10 timed calls a row)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--compare", default="all", help="peers (default: all; missing = skipped)")
     p.add_argument("--output", type=Path, default=Path("bench-results/headline"))
@@ -62,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         random = not available_offline(model)
         cmd = (f"torchbridge benchmark {model} --task {task} --batch-size {batch} --seq-len {seq}"
                + (f" --new-tokens {new}" if new else "") + (" --random-weights" if random else "")
-               + f" --runs {args.runs} --warmup {args.warmup} --compare {args.compare}"
+               + f" --runs {args.runs} --rounds {args.rounds} --warmup {args.warmup}"
+               + f" --compare {args.compare}"
                + (f" --variants {variants}" if variants else "")
                + (f" --threads {args.threads}" if args.threads else "")
                + f" --output {args.output / folder}")
@@ -72,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
                   "real; outputs are not the trained model's)", file=sys.stderr)
         spec = BenchSpec(model=model, task=task, batch_size=batch, seq_len=seq,
                          new_tokens=new or 50, compare=compare, random_weights=random,
-                         runs=args.runs, warmup=args.warmup, threads=args.threads,
+                         runs=args.runs, rounds=args.rounds, warmup=args.warmup,
+                         threads=args.threads,
                          variants=[v for v in variants.split(",") if v])
         doc = run_benchmark(spec)
         doc["command"] = cmd

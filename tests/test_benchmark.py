@@ -231,6 +231,32 @@ def test_extra_torchbridge_rows(tiny_dirs: dict[str, Path]) -> None:
         BenchSpec(model="x", variants=["fp64"]).validate()
 
 
+def test_rounds_are_interleaved_across_rows(tiny_dirs: dict[str, Path],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchbridge.bench.runner as runner
+
+    order, real = [], runner.time_callable
+
+    def recording(fn, **kw):
+        order.append((id(fn.__defaults__[0]), kw["warmup"]))  # (which backend, warm-up calls)
+        return real(fn, **kw)
+
+    monkeypatch.setattr(runner, "time_callable", recording)
+    doc = run_benchmark(BenchSpec(model=str(tiny_dirs["bert"]), batch_size=2, seq_len=8,
+                                  compare=["hf-sdpa"], runs=2, rounds=3, warmup=1,
+                                  padded=False, compile=False))
+    rows = {r["name"]: r for r in doc["rows"]}
+    assert set(rows) == {"baseline", "torchbridge", "hf-sdpa"}
+    assert all(r["status"] == "ok" and r["runs"] == 6 for r in rows.values())
+    # three rows x three rounds, each round starting one row later; warm-up in round one only
+    a, b, c = (backend for backend, _ in order[:3])
+    assert [backend for backend, _ in order] == [a, b, c, b, c, a, c, a, b]
+    assert [warmup for _, warmup in order] == [1, 1, 1, 0, 0, 0, 0, 0, 0]
+    assert doc["workload"]["rounds"] == 3
+    with pytest.raises(ValueError, match="--rounds must be >= 1"):
+        BenchSpec(model="x", rounds=0).validate()
+
+
 def test_missing_peer_is_skipped_with_install_hint(tiny_dirs: dict[str, Path],
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib

@@ -95,7 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", default="",
                    help="more torchbridge rows, comma list of fp32, int8-dynamic, "
                         "int8-weight-only")
-    p.add_argument("--runs", type=positive_int, default=10, help="timed calls per row")
+    p.add_argument("--runs", type=positive_int, default=10,
+                   help="timed calls per row (per round with --rounds)")
+    p.add_argument("--rounds", type=positive_int, default=1,
+                   help="rounds of --runs calls, interleaved across the rows so that load from "
+                        "other processes lands on every row alike")
     p.add_argument("--warmup", type=int, default=2, help="discarded calls after the first")
     p.add_argument("--no-padded", action="store_true",
                    help="time only full-length inputs, not the mixed-length batch")
@@ -198,7 +202,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         seq_len=args.seq_len or (8 if gen else 128),
         new_tokens=args.new_tokens, mode=args.mode, dtype=args.dtype,
         quantization=args.quantization, device=args.device, compare=compare,
-        random_weights=args.random_weights, runs=args.runs, warmup=args.warmup,
+        random_weights=args.random_weights, runs=args.runs, rounds=args.rounds, warmup=args.warmup,
         padded=not args.no_padded, compile=False if args.no_compile else None,
         threads=args.threads, variants=[v.strip() for v in args.variants.split(",") if v.strip()],
     )

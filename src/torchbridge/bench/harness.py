@@ -65,6 +65,7 @@ class Timing:
     samples_s: list[float]
     warmup: int
     last_output: Any = field(default=None, repr=False)
+    peak_bytes: int | None = None  # peak memory over the timed calls, where measured
 
     @property
     def median_s(self) -> float:

@@ -87,7 +87,8 @@ class BenchSpec:
     device: str = "auto"
     compare: list[str] = field(default_factory=list)
     random_weights: bool = False
-    runs: int = 10
+    runs: int = 10  # timed calls per row and round
+    rounds: int = 1  # rounds interleaved across the rows (see _time_interleaved)
     warmup: int = 2
     padded: bool = True  # also time the realistic mixed-length batch
     compile: bool | None = None  # None: the mode's preset decides (torchbridge row only)
@@ -96,7 +97,7 @@ class BenchSpec:
     variants: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
-        for name in ("batch_size", "seq_len", "runs"):
+        for name in ("batch_size", "seq_len", "runs", "rounds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got "
                                  f"{getattr(self, name)}")
@@ -220,7 +221,6 @@ def run_benchmark(spec: BenchSpec, workdir: Path | None = None) -> dict[str, Any
     generation = task == "causal-lm"
     tmp = tempfile.TemporaryDirectory(prefix="torchbridge-bench-") if workdir is None else None
     wdir = Path(tmp.name) if tmp else Path(workdir)
-    sync = device_sync(device)
 
     t0 = time.perf_counter()
     with PeakMemory(device) as mem:
@@ -244,15 +244,16 @@ def run_benchmark(spec: BenchSpec, workdir: Path | None = None) -> dict[str, Any
     names = ["baseline", "torchbridge", *(f"torchbridge-{v}" for v in spec.variants),
              *spec.compare]
     rows: list[Row] = []
-    reference_out: dict[str, torch.Tensor] = {}
+    per_call = spec.rounds * (1 + spec.runs) + spec.warmup
+    bar = progress_bar(len(names) * len(variants) * per_call, "benchmark")
+    ready: list[tuple[Backend, list[Row]]] = []  # set up, with a row per input variant
+    setup_peaks: dict[str, int | None] = {}
     optimization_info: dict | None = None
-    bar = progress_bar(len(names) * len(variants) * (1 + spec.warmup + spec.runs), "benchmark")
     for name in names:
         kind = "baseline" if name == "baseline" else \
             "optimized" if name.startswith("torchbridge") else "peer"
         bar.set_description(f"{name}: setting up")
         t0 = time.perf_counter()
-        backend: Backend | None = None
         try:
             with PeakMemory(device) as setup_mem:
                 if name == "baseline":
@@ -267,44 +268,44 @@ def run_benchmark(spec: BenchSpec, workdir: Path | None = None) -> dict[str, Any
                     backend = PEERS[name][0](wl)
         except PeerUnavailable as err:
             rows += [Row(name, v, kind, status="skipped", reason=str(err)) for v in variants]
-            bar.update((1 + spec.warmup + spec.runs) * len(variants))
+            bar.update(per_call * len(variants))
             continue
         except Exception as err:  # noqa: BLE001 - one row failing must not lose the others
             msg = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
             rows += [Row(name, v, kind, status="error", reason=msg) for v in variants]
-            bar.update((1 + spec.warmup + spec.runs) * len(variants))
+            bar.update(per_call * len(variants))
             continue
         setup_s = load_s if name == "baseline" else time.perf_counter() - t0
         setup_peak = mem.value if name == "baseline" else setup_mem.value
-        for variant, batch in variants.items():
-            row = Row(name, variant, kind, dtype=backend.dtype, setup_s=setup_s,
-                      notes=backend.notes, runs=spec.runs)
-            try:
-                native = backend.feed(batch)
-                bar.set_description(f"{name} [{variant}]: timing")
-                with PeakMemory(device) as run_mem:
-                    timing = time_callable(lambda b=backend, n=native: b.run(n), runs=spec.runs,
-                                           warmup=spec.warmup, sync=sync,
-                                           progress=lambda _s: bar.update(1))
-                out = backend.result(timing.last_output)
-            except Exception as err:  # noqa: BLE001
-                row.status, row.reason = "error", f"{type(err).__name__}: {err}"[:300]
+        setup_peaks[name] = setup_peak
+        ready.append((backend, [Row(name, v, kind, dtype=backend.dtype, setup_s=setup_s,
+                                    notes=backend.notes, runs=spec.runs * spec.rounds)
+                                for v in variants]))
+    timings = _time_interleaved(ready, variants, spec, device, bar)
+    reference_out: dict[str, torch.Tensor] = {}
+    for backend, backend_rows in ready:
+        for row in backend_rows:
+            timing = timings.get((row.name, row.variant))
+            if isinstance(timing, str):  # the error that stopped this row
+                row.status, row.reason = "error", timing
                 rows.append(row)
                 continue
             row.median_ms, row.p90_ms = timing.median_s * 1e3, timing.p90_s * 1e3
             row.first_call_s = timing.first_call_s
-            peaks = [v for v in (setup_peak, run_mem.value) if v is not None]
+            peaks = [v for v in (setup_peaks[row.name], timing.peak_bytes) if v is not None]
             row.peak_mem_mb = max(peaks) / 2**20 if peaks else None
-            if name == "baseline":
-                reference_out[variant] = out
-            if variant in reference_out:
+            out = backend.result(timing.last_output)
+            if row.name == "baseline":
+                reference_out[row.variant] = out
+            if row.variant in reference_out:
                 row.max_abs_diff, row.agreement = fidelity(
-                    out, reference_out[variant], batch["attention_mask"], generation)
+                    out, reference_out[row.variant], variants[row.variant]["attention_mask"],
+                    generation)
             _rates(row, spec, timing.median_s, flops, backend.weight_bytes or ref_bytes,
                    generation, ceiling)
             rows.append(row)
-        del backend
-        gc.collect()
+    del ready, timings
+    gc.collect()
     bar.close()
     fill_speedups(rows)
     if tmp:
@@ -315,7 +316,8 @@ def run_benchmark(spec: BenchSpec, workdir: Path | None = None) -> dict[str, Any
             "model": spec.model, "task": task, "random_weights": spec.random_weights,
             "batch_size": spec.batch_size, "seq_len": spec.seq_len,
             "new_tokens": spec.new_tokens if generation else None,
-            "runs": spec.runs, "warmup": spec.warmup, "mode": spec.mode, "dtype": spec.dtype,
+            "runs": spec.runs, "rounds": spec.rounds, "warmup": spec.warmup, "mode": spec.mode,
+            "dtype": spec.dtype,
             "quantization": spec.quantization, "device": str(device), "compile": spec.compile,
             "threads": torch.get_num_threads(),
             "compare": spec.compare, "flops_per_call": flops, "parameter_bytes": ref_bytes,
@@ -329,6 +331,54 @@ def run_benchmark(spec: BenchSpec, workdir: Path | None = None) -> dict[str, Any
         "rows": [r.to_dict() for r in rows],
         "optimization_info": optimization_info,
     }
+
+
+def _time_interleaved(ready: list[tuple[Backend, list[Row]]], variants: dict[str, dict],
+                      spec: BenchSpec, device: torch.device,
+                      bar: Any) -> dict[tuple[str, str], Any]:
+    """Time every (backend, input variant) in ``spec.rounds`` rounds of ``spec.runs`` calls, the
+    rounds interleaved across backends in a rotating order, so that a burst of load from other
+    processes on a shared machine lands on every row instead of on whichever ran at that moment.
+    The first call of round one is the row's first call and ``spec.warmup`` calls follow it;
+    each later round starts with one discarded call (caches go cold while the others run).
+    Returns (backend, variant) -> Timing (with ``peak_bytes``), or the error that stopped it."""
+    sync = device_sync(device)
+    native = {}
+    out: dict[tuple[str, str], Any] = {}
+    for backend, rows in ready:
+        for row in rows:
+            try:
+                native[row.name, row.variant] = backend.feed(variants[row.variant])
+            except Exception as err:  # noqa: BLE001 - recorded on the row
+                out[row.name, row.variant] = f"{type(err).__name__}: {err}"[:300]
+    for r in range(spec.rounds):
+        shift = r % max(1, len(ready))
+        for backend, rows in ready[shift:] + ready[:shift]:
+            for row in rows:
+                key = (row.name, row.variant)
+                if isinstance(out.get(key), str):
+                    bar.update(1 + spec.runs + (spec.warmup if r == 0 else 0))
+                    continue
+                bar.set_description(f"{row.name} [{row.variant}]: round {r + 1}")
+                try:
+                    with PeakMemory(device) as run_mem:
+                        timing = time_callable(
+                            lambda b=backend, n=native[key]: b.run(n), runs=spec.runs,
+                            warmup=spec.warmup if r == 0 else 0, sync=sync,
+                            progress=lambda _s: bar.update(1))
+                except Exception as err:  # noqa: BLE001 - recorded on the row
+                    out[key] = f"{type(err).__name__}: {err}"[:300]
+                    continue
+                if key not in out:
+                    timing.peak_bytes = run_mem.value
+                    out[key] = timing
+                else:  # later rounds add samples; the first call stays round one's
+                    kept = out[key]
+                    kept.samples_s += timing.samples_s
+                    kept.last_output = timing.last_output
+                    if run_mem.value is not None:
+                        kept.peak_bytes = max(kept.peak_bytes or 0, run_mem.value)
+    return out
 
 
 def _rates(row: Row, spec: BenchSpec, median_s: float, flops: int | None, weight_bytes: int,
