@@ -44,9 +44,10 @@ def available_offline(name: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--runs", type=int, default=2, help="timed calls per row and round (default 2)")
-    p.add_argument("--rounds", type=int, default=5,
-                   help="rounds interleaved across the rows (default 5: 10 timed calls a row)")
+    p.add_argument("--runs", type=int, default=5, help="timed calls per row and round (default 5)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="rounds interleaved across the rows (default 1: rows one after another; "
+                        "docs/cli.md says why)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--compare", default="all", help="peers (default: all; missing = skipped)")
     p.add_argument("--output", type=Path, default=Path("bench-results/headline"))

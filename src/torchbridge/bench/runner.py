@@ -246,66 +246,72 @@ def run_benchmark(spec: BenchSpec, workdir: Path | None = None) -> dict[str, Any
     rows: list[Row] = []
     per_call = spec.rounds * (1 + spec.runs) + spec.warmup
     bar = progress_bar(len(names) * len(variants) * per_call, "benchmark")
-    ready: list[tuple[Backend, list[Row]]] = []  # set up, with a row per input variant
     setup_peaks: dict[str, int | None] = {}
     optimization_info: dict | None = None
-    for name in names:
-        kind = "baseline" if name == "baseline" else \
-            "optimized" if name.startswith("torchbridge") else "peer"
-        bar.set_description(f"{name}: setting up")
-        t0 = time.perf_counter()
-        try:
-            with PeakMemory(device) as setup_mem:
-                if name == "baseline":
-                    backend = torch_backend(reference.to(device), wl, "float32",
-                                            notes="HF eager fp32 (attn_implementation='eager')")
-                elif name == "torchbridge":
-                    backend, optimization_info = _optimized_backend(spec, wl, task)
-                elif name.startswith("torchbridge-"):
-                    variant = VARIANTS[name.removeprefix("torchbridge-")]
-                    backend, _ = _optimized_backend(replace(spec, **variant), wl, task)
-                else:
-                    backend = PEERS[name][0](wl)
-        except PeerUnavailable as err:
-            rows += [Row(name, v, kind, status="skipped", reason=str(err)) for v in variants]
-            bar.update(per_call * len(variants))
-            continue
-        except Exception as err:  # noqa: BLE001 - one row failing must not lose the others
-            msg = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
-            rows += [Row(name, v, kind, status="error", reason=msg) for v in variants]
-            bar.update(per_call * len(variants))
-            continue
-        setup_s = load_s if name == "baseline" else time.perf_counter() - t0
-        setup_peak = mem.value if name == "baseline" else setup_mem.value
-        setup_peaks[name] = setup_peak
-        ready.append((backend, [Row(name, v, kind, dtype=backend.dtype, setup_s=setup_s,
-                                    notes=backend.notes, runs=spec.runs * spec.rounds)
-                                for v in variants]))
-    timings = _time_interleaved(ready, variants, spec, device, bar)
     reference_out: dict[str, torch.Tensor] = {}
-    for backend, backend_rows in ready:
-        for row in backend_rows:
-            timing = timings.get((row.name, row.variant))
-            if isinstance(timing, str):  # the error that stopped this row
-                row.status, row.reason = "error", timing
-                rows.append(row)
+    # One row at a time (set up, timed, deleted) unless rounds are interleaved: a runtime that
+    # has run in the process slows the torch rows after it (docs/cli.md).
+    groups = [[name] for name in names] if spec.rounds == 1 else [names]
+    for group in groups:
+        ready: list[tuple[Backend, list[Row]]] = []  # set up, a row per input variant
+        for name in group:
+            kind = "baseline" if name == "baseline" else \
+                "optimized" if name.startswith("torchbridge") else "peer"
+            bar.set_description(f"{name}: setting up")
+            t0 = time.perf_counter()
+            try:
+                with PeakMemory(device) as setup_mem:
+                    if name == "baseline":
+                        backend = torch_backend(
+                            reference.to(device), wl, "float32",
+                            notes="HF eager fp32 (attn_implementation='eager')")
+                    elif name == "torchbridge":
+                        backend, optimization_info = _optimized_backend(spec, wl, task)
+                    elif name.startswith("torchbridge-"):
+                        variant = VARIANTS[name.removeprefix("torchbridge-")]
+                        backend, _ = _optimized_backend(replace(spec, **variant), wl, task)
+                    else:
+                        backend = PEERS[name][0](wl)
+            except PeerUnavailable as err:
+                rows += [Row(name, v, kind, status="skipped", reason=str(err)) for v in variants]
+                bar.update(per_call * len(variants))
                 continue
-            row.median_ms, row.p90_ms = timing.median_s * 1e3, timing.p90_s * 1e3
-            row.first_call_s = timing.first_call_s
-            peaks = [v for v in (setup_peaks[row.name], timing.peak_bytes) if v is not None]
-            row.peak_mem_mb = max(peaks) / 2**20 if peaks else None
-            out = backend.result(timing.last_output)
-            if row.name == "baseline":
-                reference_out[row.variant] = out
-            if row.variant in reference_out:
-                row.max_abs_diff, row.agreement = fidelity(
-                    out, reference_out[row.variant], variants[row.variant]["attention_mask"],
-                    generation)
-            _rates(row, spec, timing.median_s, flops, backend.weight_bytes or ref_bytes,
-                   generation, ceiling)
-            rows.append(row)
-    del ready, timings
-    gc.collect()
+            except Exception as err:  # noqa: BLE001 - one row failing must not lose the others
+                first = str(err).splitlines()[0][:300] if str(err) else ""
+                msg = f"{type(err).__name__}: {first}"
+                rows += [Row(name, v, kind, status="error", reason=msg) for v in variants]
+                bar.update(per_call * len(variants))
+                continue
+            setup_s = load_s if name == "baseline" else time.perf_counter() - t0
+            setup_peak = mem.value if name == "baseline" else setup_mem.value
+            setup_peaks[name] = setup_peak
+            ready.append((backend, [Row(name, v, kind, dtype=backend.dtype, setup_s=setup_s,
+                                        notes=backend.notes, runs=spec.runs * spec.rounds)
+                                    for v in variants]))
+        timings = _time_interleaved(ready, variants, spec, device, bar)
+        for backend, backend_rows in ready:
+            for row in backend_rows:
+                timing = timings.get((row.name, row.variant))
+                if isinstance(timing, str):  # the error that stopped this row
+                    row.status, row.reason = "error", timing
+                    rows.append(row)
+                    continue
+                row.median_ms, row.p90_ms = timing.median_s * 1e3, timing.p90_s * 1e3
+                row.first_call_s = timing.first_call_s
+                peaks = [v for v in (setup_peaks[row.name], timing.peak_bytes) if v is not None]
+                row.peak_mem_mb = max(peaks) / 2**20 if peaks else None
+                out = backend.result(timing.last_output)
+                if row.name == "baseline":
+                    reference_out[row.variant] = out
+                if row.variant in reference_out:
+                    row.max_abs_diff, row.agreement = fidelity(
+                        out, reference_out[row.variant],
+                        variants[row.variant]["attention_mask"], generation)
+                _rates(row, spec, timing.median_s, flops, backend.weight_bytes or ref_bytes,
+                       generation, ceiling)
+                rows.append(row)
+        ready = timings = backend = None  # this group's runtimes go before the next is set up
+        gc.collect()
     bar.close()
     fill_speedups(rows)
     if tmp:
