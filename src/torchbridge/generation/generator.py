@@ -55,10 +55,11 @@ def _cpp_wrapper_pays(decoder: nn.Module, mode: str | None, device: torch.device
     """Whether the CPU decode step is compiled with inductor's C++ wrapper, which makes the
     step's kernel and op calls from compiled code instead of Python: where the step calls
     oneDNN's int8 linear (one custom op per projection, 49 a token for GPT-2) under
-    "reduce-overhead", whose meaning on a CPU is just that. GPT-2 int8-dynamic: the step's own
-    cost besides the int8 GEMVs 4.3 -> 2.2 ms/token, 14.5 -> 10.2 ms/token in all (ad hoc). Not
-    for float steps (all inductor kernels): bf16 gained 3% (16.9 -> 16.4 ms/token) for a cold
-    compile half again as long (real SmolLM2, 30 layers: 3 -> 4.5 minutes)."""
+    "reduce-overhead", whose meaning on a CPU is just that. GPT-2 int8-dynamic
+    (`python benchmarks/decode_step_wrapper.py`): 10.61 against 13.86 ms/token. Not for float
+    steps (all inductor kernels): bf16 gained 3% (16.9 -> 16.4 ms/token, ad hoc) for a cold
+    compile half again as long (the two real-SmolLM2 tests on a cold inductor cache: 532 vs
+    359 s)."""
     return device.type == "cpu" and mode == "reduce-overhead" and any(
         isinstance(m, DynamicProj) and m.one_row is not None for m in decoder.modules())
 

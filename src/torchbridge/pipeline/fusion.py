@@ -24,6 +24,7 @@ alone.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -104,16 +105,22 @@ def _fusible(attn: nn.Module) -> bool:
                   lin.bias is None) for lin in linears}) == 1
 
 
-def fuse_qkv(model: nn.Module) -> int:
-    """Swap every fusible self-attention module (plain linears of one dtype) for a
-    `FusedQKVSelfAttention`, in place; returns how many were swapped."""
+def _swap(model: nn.Module, wanted: Callable[[nn.Module], bool],
+          make: Callable[[nn.Module], nn.Module]) -> int:
+    """Replace, in place, every submodule for which ``wanted`` holds by ``make(it)``."""
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if _fusible(child):
-                setattr(parent, name, FusedQKVSelfAttention(child))
+            if wanted(child):
+                setattr(parent, name, make(child))
                 swapped += 1
     return swapped
+
+
+def fuse_qkv(model: nn.Module) -> int:
+    """Swap every fusible self-attention module (plain linears of one dtype) for a
+    `FusedQKVSelfAttention`, in place; returns how many were swapped."""
+    return _swap(model, _fusible, FusedQKVSelfAttention)
 
 
 # Modules whose forward is linear -> activation (-> ...): (linear name, activation name).
@@ -169,11 +176,5 @@ def fuse_residual_add(model: nn.Module) -> int:
     `ResidualOutput`, in place; returns how many were swapped."""
     from .packing import PackedLinear
 
-    swapped = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child).__name__ in _RESIDUAL_OUTPUTS \
-                    and isinstance(getattr(child, "dense", None), PackedLinear):
-                setattr(parent, name, ResidualOutput(child))
-                swapped += 1
-    return swapped
+    return _swap(model, lambda m: type(m).__name__ in _RESIDUAL_OUTPUTS
+                 and isinstance(getattr(m, "dense", None), PackedLinear), ResidualOutput)
