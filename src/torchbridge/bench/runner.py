@@ -339,6 +339,11 @@ def run_benchmark(spec: BenchSpec, workdir: Path | None = None) -> dict[str, Any
     }
 
 
+def _failure(err: Exception) -> str:
+    """What a row that failed while running says, in its reason column."""
+    return f"{type(err).__name__}: {err}"[:300]
+
+
 def _time_interleaved(ready: list[tuple[Backend, list[Row]]], variants: dict[str, dict],
                       spec: BenchSpec, device: torch.device,
                       bar: Any) -> dict[tuple[str, str], Any]:
@@ -356,7 +361,7 @@ def _time_interleaved(ready: list[tuple[Backend, list[Row]]], variants: dict[str
             try:
                 native[row.name, row.variant] = backend.feed(variants[row.variant])
             except Exception as err:  # noqa: BLE001 - recorded on the row
-                out[row.name, row.variant] = f"{type(err).__name__}: {err}"[:300]
+                out[row.name, row.variant] = _failure(err)
     for r in range(spec.rounds):
         shift = r % max(1, len(ready))
         for backend, rows in ready[shift:] + ready[:shift]:
@@ -373,7 +378,7 @@ def _time_interleaved(ready: list[tuple[Backend, list[Row]]], variants: dict[str
                             warmup=spec.warmup if r == 0 else 0, sync=sync,
                             progress=lambda _s: bar.update(1))
                 except Exception as err:  # noqa: BLE001 - recorded on the row
-                    out[key] = f"{type(err).__name__}: {err}"[:300]
+                    out[key] = _failure(err)
                     continue
                 if key not in out:
                     timing.peak_bytes = run_mem.value

@@ -24,12 +24,13 @@ alone.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .packing import PackedLinear, swap_modules
 
 # Hugging Face self-attention classes with that shared forward: their projection names, and the
 # output projection the module applies itself (None: the caller applies it).
@@ -105,22 +106,10 @@ def _fusible(attn: nn.Module) -> bool:
                   lin.bias is None) for lin in linears}) == 1
 
 
-def _swap(model: nn.Module, wanted: Callable[[nn.Module], bool],
-          make: Callable[[nn.Module], nn.Module]) -> int:
-    """Replace, in place, every submodule for which ``wanted`` holds by ``make(it)``."""
-    swapped = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if wanted(child):
-                setattr(parent, name, make(child))
-                swapped += 1
-    return swapped
-
-
 def fuse_qkv(model: nn.Module) -> int:
     """Swap every fusible self-attention module (plain linears of one dtype) for a
     `FusedQKVSelfAttention`, in place; returns how many were swapped."""
-    return _swap(model, _fusible, FusedQKVSelfAttention)
+    return swap_modules(model, _fusible, FusedQKVSelfAttention)
 
 
 # Modules whose forward is linear -> activation (-> ...): (linear name, activation name).
@@ -136,8 +125,6 @@ def _exact_gelu(act: nn.Module) -> bool:
 def fuse_gelu(model: nn.Module) -> int:
     """Move every exact GELU that follows a packed linear into that linear's GEMM (a oneDNN
     post-op), in place; returns how many were moved."""
-    from .packing import PackedLinear
-
     moved = 0
     for module in model.modules():
         for lin_name, act_name in _FFN_IN:
@@ -174,7 +161,5 @@ class ResidualOutput(nn.Module):
 def fuse_residual_add(model: nn.Module) -> int:
     """Swap every `_RESIDUAL_OUTPUTS` module whose dense linear is packed for a
     `ResidualOutput`, in place; returns how many were swapped."""
-    from .packing import PackedLinear
-
-    return _swap(model, lambda m: type(m).__name__ in _RESIDUAL_OUTPUTS
+    return swap_modules(model, lambda m: type(m).__name__ in _RESIDUAL_OUTPUTS
                  and isinstance(getattr(m, "dense", None), PackedLinear), ResidualOutput)

@@ -36,6 +36,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -144,20 +145,35 @@ class PackedLinear(nn.Module):
                 f"oneDNN-packed for {self.rows_hint} rows{post}")
 
 
+def swap_modules(model: nn.Module, wanted: Callable[[nn.Module], bool],
+                 make: Callable[[nn.Module], nn.Module]) -> int:
+    """Replace, in place, every submodule for which ``wanted`` holds by ``make(it)``; returns
+    how many were replaced (the packing step's swaps: here and in pipeline/fusion.py)."""
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if wanted(child):
+                setattr(parent, name, make(child))
+                swapped += 1
+    return swapped
+
+
 def pack_linear_weights(model: nn.Module, rows: int) -> tuple[int, dict[str, int]]:
     """Swap every bf16 ``nn.Linear`` whose weight is its own (not tied to an embedding) for a
     PackedLinear, in place, in the layout that runs ``rows`` rows fastest (timed once per weight
     shape). Returns (linears swapped, {"out x in": the row hint chosen for that shape})."""
     uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     hints: dict[tuple[int, int], int] = {}
-    swapped = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear and child.weight.dtype == torch.bfloat16 \
-                    and child.weight.device.type == "cpu" and uses[id(child.weight)] == 1:
-                shape = tuple(child.weight.shape)
-                if shape not in hints:
-                    hints[shape] = fastest_rows_hint(child.weight, rows)
-                setattr(parent, name, PackedLinear(child, hints[shape]))
-                swapped += 1
+
+    def packable(m: nn.Module) -> bool:
+        return type(m) is nn.Linear and m.weight.dtype == torch.bfloat16 \
+            and m.weight.device.type == "cpu" and uses[id(m.weight)] == 1
+
+    def pack(linear: nn.Module) -> PackedLinear:
+        shape = tuple(linear.weight.shape)
+        if shape not in hints:
+            hints[shape] = fastest_rows_hint(linear.weight, rows)
+        return PackedLinear(linear, hints[shape])
+
+    swapped = swap_modules(model, packable, pack)
     return swapped, {f"{o}x{i}": hint for (o, i), hint in hints.items()}
