@@ -68,19 +68,31 @@ class FusedQKVSelfAttention(nn.Module):
         self.train(attn.training)  # a new module starts in training mode (attention dropout on)
 
     def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None,
+                unpadded: Any = None, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+        qkv = self.qkv(hidden_states)
+        if unpadded is None:
+            out, weights = self._attend(qkv, attention_mask, **kwargs)
+            out = out.contiguous()
+        else:  # real tokens only (pipeline/unpadding.py): attention by groups of sequences
+            out = unpadded.ungrouped([
+                self._attend(unpadded.grouped(qkv[0], group), group.mask, **kwargs)[0]
+                for group in unpadded.groups])[None]
+            weights = None
+        if self.out_name is not None:
+            out = getattr(self, self.out_name)(out)
+        return out, weights
+
+    def _attend(self, qkv: Tensor, attention_mask: Tensor | None,
                 **kwargs: Any) -> tuple[Tensor, Tensor | None]:
-        batch, seq = hidden_states.shape[:-1]
-        qkv = self.qkv(hidden_states).view(batch, seq, 3, -1, self.head_size)
+        batch, seq = qkv.shape[:-1]
+        qkv = qkv.view(batch, seq, 3, -1, self.head_size)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [batch, heads, seq, d]
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
                                                           self.eager)
         out, weights = attention(self, query, key, value, attention_mask,
                                  dropout=self.dropout.p if self.training else 0.0,
                                  scaling=self.scaling, **kwargs)
-        out = out.reshape(batch, seq, -1).contiguous()
-        if self.out_name is not None:
-            out = getattr(self, self.out_name)(out)
-        return out, weights
+        return out.reshape(batch, seq, -1), weights
 
     def extra_repr(self) -> str:
         return f"{'/'.join(self.names)} fused into one {self.width}x3 projection"

@@ -105,9 +105,12 @@ def _right_padded(mask: torch.Tensor) -> bool:
     return bool((mask.cummin(dim=1).values == mask).all())
 
 
-def wrap_trim_padding(model: nn.Module, task: str, overhead: int | None = None) -> nn.Module:
+def wrap_trim_padding(model: nn.Module, task: str, overhead: int | None = None, *,
+                      split: bool = True) -> nn.Module:
     """Run the model's forward group by group on trimmed rows (see module docstring);
-    ``overhead``: tokens one more call costs (default: ``call_overhead_tokens`` of the model)."""
+    ``overhead``: tokens one more call costs (default: ``call_overhead_tokens`` of the model);
+    ``split=False``: one group, only trimmed (an encoder that removes padding itself,
+    pipeline/unpadding.py, runs a mixed-length batch best as one call)."""
     inner = model.forward
     overhead = call_overhead_tokens(model.config) if overhead is None else overhead
     per_token = PER_TOKEN_FIELDS[task]
@@ -127,7 +130,7 @@ def wrap_trim_padding(model: nn.Module, task: str, overhead: int | None = None) 
         if passthrough:
             return inner(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         lengths = attention_mask.sum(dim=1).clamp(min=1).tolist()
-        groups = plan_groups(lengths, overhead)
+        groups = plan_groups(lengths, overhead) if split else [list(range(len(lengths)))]
         seq_len = input_ids.shape[1]
         if len(groups) == 1 and bucketed(max(lengths), seq_len) == seq_len:
             return inner(input_ids=input_ids, attention_mask=attention_mask, **kwargs)

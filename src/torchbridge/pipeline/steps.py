@@ -67,6 +67,7 @@ def pack_weights(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn
     if pack:
         from .fusion import fuse_gelu, fuse_qkv, fuse_residual_add
         from .packing import pack_linear_weights
+        from .unpadding import remove_padding
 
         rows, seq = plan.warmup_shape
         fused = fuse_qkv(model)
@@ -81,6 +82,9 @@ def pack_weights(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn
             reason += f"; GELU inside the GEMM before it in {gelus} feed-forward blocks"
         if adds:
             reason += f"; residual add inside the GEMM before it in {adds} output blocks"
+        if plan.trim_padding and remove_padding(model):
+            reason += ("; padding removed inside the encoder (token-wise work on the real tokens "
+                       "only, attention sequence by sequence)")
     report.step("packed weights", pack, reason)
     return model
 
@@ -126,9 +130,17 @@ def trim_padding(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn
     elif report.task not in PER_TOKEN_FIELDS:
         report.step("trim_padding", False, f"not for the {report.task} task")
     else:
-        model = wrap_trim_padding(model, report.task)
-        report.step("trim_padding", True, "right-padded batches run in groups of similar length, "
-                    "each trimmed to its longest row")
+        from .unpadding import removes_padding  # imports transformers' attention registry
+
+        if removes_padding(model):  # the rest of the padding never reaches a GEMM: one call
+            model = wrap_trim_padding(model, report.task, split=False)
+            detail = "right-padded batches trimmed to their longest row (the encoder removes " \
+                     "the rest of the padding itself)"
+        else:
+            model = wrap_trim_padding(model, report.task)
+            detail = "right-padded batches run in groups of similar length, each trimmed to its " \
+                     "longest row"
+        report.step("trim_padding", True, detail)
     return model
 
 
