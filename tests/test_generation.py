@@ -296,15 +296,18 @@ def test_max_length_and_defaults_follow_hf():
     assert cache_length_bucket(1) == 64 and cache_length_bucket(65) == 128
 
 
-@pytest.mark.parametrize("precision", ["bf16", "int8"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
 def test_gemv_form_matches_linear(precision):
-    """The decode-step projection (reduction form) equals the GEMM form for each weight dtype."""
+    """The decode-step projection (reduction form, in GEMV_STREAMS row blocks: 29 rows do not
+    divide evenly) equals the GEMM form for each weight dtype."""
     torch.manual_seed(0)
     lin = torch.nn.Linear(37, 29)
     if precision == "int8":
         proj = Proj.from_module(Int8WeightOnlyLinear.from_float(lin))
-    else:
+    elif precision == "bf16":
         proj = Proj.from_module(lin.to(torch.bfloat16))
+    else:
+        proj = Proj.from_module(lin)
     x = torch.randn(1, 1, 37)
     torch.testing.assert_close(proj(x, gemv=True), proj(x, gemv=False), atol=2e-2, rtol=2e-2)
     ref = torch.nn.functional.linear(x, lin.weight.float(), lin.bias.float())

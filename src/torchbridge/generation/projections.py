@@ -22,6 +22,13 @@ from torchbridge.precisions.int8_weight_only import Int8WeightOnlyLinear, int8_w
 
 __all__ = ["Proj", "DynamicProj", "ProjGroup"]
 
+# A batch-1 projection is computed as this many reductions over row blocks of its weight, which
+# inductor fuses into one loop that streams that many weight blocks at once (one multiply-add
+# chain each). In a decode step the projections depend on each other, so there is no other
+# projection to overlap with, and one stream per thread left the memory system idle between
+# requests: `python benchmarks/decode_streams.py` measures whole decode steps with 1 and 8.
+GEMV_STREAMS = 8
+
 
 def _nbytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
@@ -77,7 +84,8 @@ class Proj(nn.Module):
             # norm, embedding lookup, GELU) into the reduction and recomputes it for every output
             # row, which made the int8 step compute-bound (28 ms vs 17 ms for bf16 at 1 thread).
             x = _realize(x.contiguous())
-            y = (x.unsqueeze(-2) * w.to(torch.float32)).sum(-1)
+            y = torch.cat([(x.unsqueeze(-2) * part.to(torch.float32)).sum(-1)
+                           for part in w.chunk(GEMV_STREAMS)], -1)
             if self.scales is not None:
                 y = y * self.scales
         elif w.dtype == torch.int8:
