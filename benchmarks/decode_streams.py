@@ -1,7 +1,8 @@
 """How many weight streams a batch-1 projection should read at once (generation/projections.py).
 
 GPT-2 (random weights) in each weight format the decoder reads through its own reduction (fp32,
-bf16, int8-weight-only), two generators each: the decode step compiled with every projection as
+bf16, int8-weight-only, int8-dynamic: the token quantized, its levels reduced), two generators
+each: the decode step compiled with every projection as
 one reduction over its whole weight (GEMV_STREAMS = 1) and as GEMV_STREAMS blocks of rows
 reduced in one loop (the library's setting). 50 greedy tokens from a 16-token prompt, rounds
 interleaved with the order alternating; decode ms/token from the generator's own stats (the
@@ -33,7 +34,7 @@ def build(fmt: str) -> torch.nn.Module:
     model = load_model("gpt2", "causal-lm", random_weights=True).eval()
     if fmt == "bf16":
         return model.to(torch.bfloat16)
-    if fmt == "int8-weight-only":
+    if fmt in ("int8-weight-only", "int8-dynamic"):
         with torch.no_grad():
             return precision(fmt).quantize(model, (), None)
     return model
@@ -49,7 +50,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=50)
-    parser.add_argument("--formats", default="fp32,bf16,int8-weight-only")
+    parser.add_argument("--formats", default="fp32,bf16,int8-weight-only,int8-dynamic")
     parser.add_argument("--streams", default=f"1,{projections.GEMV_STREAMS}",
                         help="stream counts to compare, the first is the reference")
     parser.add_argument("--output", type=Path, default=Path("bench-results/decode_streams.json"))

@@ -137,7 +137,6 @@ def test_compiled_greedy_equals_eager_and_compiles_once(family, compiled):
     assert long.shape == (1, 208)
     assert torch.equal(long, eager.generate(prompt, max_new_tokens=200, min_new_tokens=200))
     assert fast.stats["gemv_decode"] and fast.stats["cache_length"] == 256
-    assert not fast.stats["cpp_wrapper"]  # float steps keep the Python wrapper (compile time)
     # Prompts of many lengths that fit the same cache bucket reuse the one compiled step.
     for n in (1, 2, 5, 13, 31, 40):
         p = torch.randint(2, 97, (1, n), generator=torch.Generator().manual_seed(n))
@@ -151,8 +150,8 @@ def test_compiled_greedy_equals_eager_and_compiles_once(family, compiled):
 
 @torch.inference_mode()
 def test_compiled_int8_dynamic_decoding_equals_eager():
-    """int8-dynamic decoding: the compiled batch-1 step (oneDNN's int8 linear on CPUs that have
-    it, a custom op in the graph) gives the eager path's tokens."""
+    """int8-dynamic decoding: the compiled batch-1 step (each token quantized, its integer
+    levels reduced against the int8 weights) gives the eager path's tokens."""
     from torchbridge.precisions.int8_dynamic import quantize_dynamic_int8
 
     model = quantize_dynamic_int8(BUILDERS["gpt2"]())
@@ -160,8 +159,6 @@ def test_compiled_int8_dynamic_decoding_equals_eager():
     prompt = torch.randint(2, 97, (1, 8), generator=torch.Generator().manual_seed(5))
     got = fast.generate(prompt, max_new_tokens=24, min_new_tokens=24)
     assert fast.stats["gemv_decode"] and fast.stats["compiles"] == 1
-    # the step's int8 linears are called from inductor's C++ wrapper where oneDNN has them
-    assert fast.stats["cpp_wrapper"] == torch.backends.mkldnn.is_available()
     assert torch.equal(got, eager.generate(prompt, max_new_tokens=24, min_new_tokens=24))
 
 

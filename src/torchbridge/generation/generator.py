@@ -12,7 +12,6 @@ from torch import nn
 
 from torchbridge.backends import synchronize
 from torchbridge.generation.decoders import DECODERS, CausalDecoder, StaticKVCache
-from torchbridge.generation.projections import DynamicProj
 from torchbridge.generation.sampling import (
     SUPPORTED_ARGS,
     build_processors,
@@ -51,19 +50,6 @@ def _inductor_options(mode: str | None, device: torch.device) -> dict[str, Any]:
     return opts
 
 
-def _cpp_wrapper_pays(decoder: nn.Module, mode: str | None, device: torch.device) -> bool:
-    """Whether the CPU decode step is compiled with inductor's C++ wrapper, which makes the
-    step's kernel and op calls from compiled code instead of Python: where the step calls
-    oneDNN's int8 linear (one custom op per projection, 49 a token for GPT-2) under
-    "reduce-overhead", whose meaning on a CPU is just that. GPT-2 int8-dynamic
-    (`python benchmarks/decode_step_wrapper.py`): 10.61 against 13.86 ms/token. Not for float
-    steps (all inductor kernels): bf16 gained 3% (16.9 -> 16.4 ms/token, ad hoc) for a cold
-    compile half again as long (the two real-SmolLM2 tests on a cold inductor cache: 532 vs
-    359 s)."""
-    return device.type == "cpu" and mode == "reduce-overhead" and any(
-        isinstance(m, DynamicProj) and m.one_row is not None for m in decoder.modules())
-
-
 class FastGenerator:
     """Greedy / sampled generation for GPT-2 and Llama-family HF causal LMs.
 
@@ -98,14 +84,11 @@ class FastGenerator:
             "compiled": compile,
             "compile_mode": compile_mode,
             "weight_bytes_per_token": self.decoder.weight_bytes_per_token(),
-            "cpp_wrapper": False,
         }
         if compile:
             import torch._inductor.inductor_prims  # noqa: F401  (used by projections._realize)
 
             options = _inductor_options(compile_mode, self.device)
-            if _cpp_wrapper_pays(self.decoder, compile_mode, self.device):
-                options["cpp_wrapper"] = self.stats["cpp_wrapper"] = True
 
             def backend(gm: torch.fx.GraphModule, example_inputs: list) -> Any:
                 # Counting here counts real graph compilations (recompiles included).

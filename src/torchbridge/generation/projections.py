@@ -5,10 +5,10 @@ streams fastest here. The GEMV kernels torch dispatches to (MKL sgemv for `F.lin
 oneDNN bf16) reached only 13-18 GB/s on GPT-2's 768x50257 LM head on the development CPU, while a
 plain vectorized reduction that inductor generates read the same bytes at 30-36 GB/s (bf16 2.1 ms
 vs 4.4 ms, int8 1.3 ms, fp32 4.9 vs 11.9 ms): `Proj` spells float and int8-weight-only projections
-as that reduction, with fp32 activations whatever the weight dtype. int8-dynamic ones
-(`DynamicProj`) quantize the token and run oneDNN's int8 linear on a prepacked copy of the weight
-(`benchmarks/decode_kernels.py` measures both). Batches of rows (prefill, batched decoding) run
-GEMMs.
+as that reduction, with fp32 activations whatever the weight dtype; int8-dynamic ones
+(`DynamicProj`) quantize the token per token as their module does and reduce its integer levels
+the same way (`benchmarks/decode_kernels.py` measures the kernels). Batches of rows (prefill,
+batched decoding) run GEMMs.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchbridge.precisions.int8_dynamic import Int8DynamicLinear, forward_one_row, prepack_one_row
+from torchbridge.precisions.int8_dynamic import Int8DynamicLinear, asymmetric_grid
 from torchbridge.precisions.int8_weight_only import Int8WeightOnlyLinear, int8_weight_matmul
 
 __all__ = ["Proj", "DynamicProj", "ProjGroup"]
@@ -78,14 +78,7 @@ class Proj(nn.Module):
     def forward(self, x: torch.Tensor, gemv: bool = False) -> torch.Tensor:
         w = self.weight
         if gemv:
-            # Decode with one row: a broadcast-multiply + sum that inductor fuses into a single
-            # vectorized reduction over contiguous `in`, converting bf16/int8 to fp32 in registers.
-            # The input is materialized first: otherwise inductor inlines its producer (layer
-            # norm, embedding lookup, GELU) into the reduction and recomputes it for every output
-            # row, which made the int8 step compute-bound (28 ms vs 17 ms for bf16 at 1 thread).
-            x = _realize(x.contiguous())
-            y = torch.cat([(x.unsqueeze(-2) * part.to(torch.float32)).sum(-1)
-                           for part in w.chunk(GEMV_STREAMS)], -1)
+            y = reduce_rows(x, w)
             if self.scales is not None:
                 y = y * self.scales
         elif w.dtype == torch.int8:
@@ -106,23 +99,33 @@ class Proj(nn.Module):
 
 class DynamicProj(nn.Module):
     """An int8-dynamic projection (int8 weights and per-token int8 activations) as the decoder
-    calls it: one token through oneDNN's int8 linear on a copy of the weight prepacked for it,
-    where the CPU has it; anything else through the model's own module (shared, not modified)."""
+    calls it. Batch-1 rows: the token is quantized on the module's own grid and its integer levels
+    go through `reduce_rows` over an [out, in] copy of the int8 weight (the module keeps [in,
+    out] for its GEMM), rescaled as the module does: the module's arithmetic with the products
+    summed in fp32 instead of int32 (exact while partial sums stay below 2**24). Anything else
+    runs the model's own module (shared, not modified)."""
 
     def __init__(self, module: Int8DynamicLinear):
         super().__init__()
         self.module = module
-        self.one_row = prepack_one_row(module)  # (packed weight, zero points) or None
+        self.register_buffer("weight", module.weight_t.t().contiguous())
 
     def forward(self, x: torch.Tensor, gemv: bool = False) -> torch.Tensor:
-        if gemv and self.one_row is not None:
-            return forward_one_row(self.module, x, *self.one_row)
-        return self.module(x)
+        m = self.module
+        if not gemv:
+            return m(x)
+        x2 = m.rows(x)
+        x_scale, zero = asymmetric_grid(x2, per_row=True)
+        levels = (torch.round(x2 / x_scale) + zero).clamp(0, 255) - zero
+        y = reduce_rows(levels, self.weight) * (x_scale * m.scales)
+        if m.bias is not None:
+            y = y + m.bias
+        return y.to(x.dtype).reshape(*x.shape[:-1], m.out_features)
 
     def weight_bytes(self) -> int:
-        """Bytes one call reads of this projection's weights (the packed copy is the same size)."""
+        """Bytes one call reads of this projection's weights."""
         m = self.module
-        return _nbytes(m.weight_t, m.scales, m.bias)
+        return _nbytes(self.weight, m.scales, m.bias)
 
 
 class ProjGroup(nn.Module):
@@ -135,6 +138,18 @@ class ProjGroup(nn.Module):
 
     def forward(self, x: torch.Tensor, gemv: bool = False) -> torch.Tensor:
         return torch.cat([p(x, gemv) for p in self.parts], dim=-1)
+
+
+def reduce_rows(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [..., in] (fp32) times w [out, in] (any dtype) -> [..., out] fp32, for a few rows.
+
+    A broadcast-multiply + sum that inductor fuses into one vectorized reduction over contiguous
+    ``in``, converting bf16/int8 to fp32 in registers, over GEMV_STREAMS row blocks of ``w`` at
+    once. The input is materialized first: otherwise inductor inlines its producer (layer norm,
+    embedding lookup, GELU) into the reduction and recomputes it for every output row, which
+    made the int8 step compute-bound (28 ms vs 17 ms for bf16 at 1 thread)."""
+    x = _realize(x.contiguous()).unsqueeze(-2)
+    return torch.cat([(x * part.to(torch.float32)).sum(-1) for part in w.chunk(GEMV_STREAMS)], -1)
 
 
 def _realize(x: torch.Tensor) -> torch.Tensor:

@@ -34,9 +34,9 @@ core; full numbers and commands in docs/int8.md):
   rest of the bf16 graph did not make up for it.
 * oneDNN's own int8 linear (``onednn.qlinear_pointwise``, rescale + bias + bf16 output fused in
   the GEMM, no int32 round trip) was 1.29x the per-token ``_int_mm`` projection, still slower
-  than bf16, and it takes one activation scale per tensor only; not adopted for batches. It is
-  used for one token at a time (`forward_one_row`, batch-1 decoding), where one tensor is one
-  token and the kernel's job is streaming the prepacked weight.
+  than bf16, and it takes one activation scale per tensor only; not adopted. (Batch-1
+  decoding used it for a while, where one tensor is one token; the decoder's own reduction over
+  the int8 weight now streams faster: generation/projections.py.)
 """
 
 from __future__ import annotations
@@ -58,23 +58,6 @@ def asymmetric_grid(x2: torch.Tensor, per_row: bool) -> tuple[torch.Tensor, torc
     high = x2.amax(dim=1, keepdim=True) if per_row else x2.amax()
     x_scale = ((high.clamp(min=0.0) - low.clamp(max=0.0)) / 255.0).clamp(min=1e-8)
     return x_scale, torch.round(-low.clamp(max=0.0) / x_scale)
-
-
-@torch.library.custom_op("torchbridge::onednn_int8_linear", mutates_args=())
-def onednn_int8_linear(xu: torch.Tensor, x_scale: torch.Tensor, x_zero: torch.Tensor,
-                       packed: torch.Tensor, w_scales: torch.Tensor, w_zeros: torch.Tensor,
-                       out_features: int) -> torch.Tensor:
-    """oneDNN's int8 linear (CPU): uint8 activations with one scale and zero point, weights
-    prepacked by ``onednn.qlinear_prepack``, fp32 out. A custom op so the compiled decode step
-    can call it (inductor's own lowering takes only weights it froze itself)."""
-    return torch.ops.onednn.qlinear_pointwise.tensor(
-        xu, x_scale, x_zero, packed, w_scales, w_zeros, None, 1.0, 0, torch.float32, "none", [],
-        "")
-
-
-@onednn_int8_linear.register_fake
-def _(xu, x_scale, x_zero, packed, w_scales, w_zeros, out_features):
-    return xu.new_empty(xu.shape[0], out_features, dtype=torch.float32)
 
 
 class Int8DynamicLinear(nn.Module):
@@ -136,33 +119,6 @@ class Int8DynamicLinear(nn.Module):
     def extra_repr(self) -> str:
         smooth = ", smoothed" if self.inv_smooth is not None else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 dynamic{smooth}"
-
-
-def prepack_one_row(module: Int8DynamicLinear) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The module's weight prepacked for oneDNN's int8 linear, with its (zero) zero points, for
-    `forward_one_row`; None where there is no oneDNN (not a CPU tensor, or a torch without it).
-    Batch-1 decoding is where this pays: the projection only streams the weight (GPT-2, 50
-    tokens: ~10 vs ~14 ms/token for int8-weight-only's reduction, docs/int8.md)."""
-    if module.weight_t.device.type != "cpu" or not torch.backends.mkldnn.is_available():
-        return None
-    weight = module.weight_t.t().contiguous()
-    packed = torch.ops.onednn.qlinear_prepack(weight, [1, module.in_features])
-    return packed, torch.zeros(module.out_features, dtype=torch.int32)
-
-
-def forward_one_row(module: Int8DynamicLinear, x: torch.Tensor, packed: torch.Tensor,
-                    weight_zeros: torch.Tensor) -> torch.Tensor:
-    """``module(x)`` for one token ([1, 1, in]) through the weight `prepack_one_row` made: one
-    row's per-tensor scale and zero point are its per-token ones, so the arithmetic is the
-    module's (uint8 with a zero point instead of int8 with one)."""
-    x2 = module.rows(x)
-    x_scale, zero = asymmetric_grid(x2, per_row=False)
-    xu = (torch.round(x2 / x_scale) + zero).clamp(0, 255).to(torch.uint8)
-    y = onednn_int8_linear(xu, x_scale.reshape(1), zero.to(torch.int32).reshape(1), packed,
-                           module.scales, weight_zeros, module.out_features)
-    if module.bias is not None:
-        y = y + module.bias
-    return y.to(x.dtype).reshape(*x.shape[:-1], module.out_features)
 
 
 def quantize_dynamic_int8(model: nn.Module, *, include_head: bool = True,
