@@ -11,19 +11,21 @@ int8 activations, what the int8 peers run), and for GPT-2 also int8-weight-only 
 Each model loads from a local folder or the Hugging Face cache; when it is not available offline
 it runs with seeded random weights (speed does not depend on the values) and the output says so.
 Writes DIR/<workload>/results.{json,md,png} and DIR/headline.json (both documents), and prints the
-two tables. Equivalent to two `torchbridge benchmark` commands (printed as they start).
+two tables. Runs two `torchbridge benchmark` commands (printed as they start), each in its own
+process.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import subprocess
 import sys
 from pathlib import Path
 
 from torchbridge.bench.peers import parse_compare
-from torchbridge.bench.report import markdown_table, write_results
-from torchbridge.bench.runner import BenchSpec, run_benchmark
+from torchbridge.bench.report import markdown_table
 from torchbridge.pipeline.loading import ModelNotAvailableError, load_config
 
 WORKLOADS = [
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="CPU threads for every row (default: torch's default). On a machine "
                         "shared with other jobs, 1 avoids threads waiting on each other")
     args = p.parse_args(argv)
-    compare = parse_compare(args.compare)
+    parse_compare(args.compare)  # a bad --compare is refused before any workload runs
     docs = {}
     for folder, model, task, batch, seq, new, default_variants in WORKLOADS:
         variants = default_variants if args.variants is None else args.variants
@@ -71,17 +73,17 @@ def main(argv: list[str] | None = None) -> int:
                + (f" --threads {args.threads}" if args.threads else "")
                + f" --output {args.output / folder}")
         print(f"$ {cmd}", file=sys.stderr)
-        if random:
-            print(f"note: {model} is not available offline: seeded random weights (timings are "
-                  "real; outputs are not the trained model's)", file=sys.stderr)
-        spec = BenchSpec(model=model, task=task, batch_size=batch, seq_len=seq,
-                         new_tokens=new or 50, compare=compare, random_weights=random,
-                         runs=args.runs, rounds=args.rounds, warmup=args.warmup,
-                         threads=args.threads,
-                         variants=[v for v in variants.split(",") if v])
-        doc = run_benchmark(spec)
+        # Each workload in a process of its own: once another runtime (ONNX Runtime, OpenVINO,
+        # CTranslate2) has run in a process, torch rows stay slower in it (docs/cli.md), so the
+        # encoder's peers would handicap the decoder's torch rows.
+        argv_ = [sys.executable, "-m", "torchbridge.cli", *shlex.split(cmd)[1:]]
+        done = subprocess.run(argv_, stdout=subprocess.DEVNULL, check=False)
+        if done.returncode != 0:
+            print(f"the {folder} workload failed (exit {done.returncode}); see the output above",
+                  file=sys.stderr)
+            return done.returncode
+        doc = json.loads((args.output / folder / "results.json").read_text())
         doc["command"] = cmd
-        write_results(doc, args.output / folder)
         print(markdown_table(doc))
         docs[folder] = doc
     (args.output / "headline.json").write_text(json.dumps(docs, indent=2, default=str) + "\n")
