@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 from pathlib import Path
 from unittest import mock
 
 import torch
 
 from torchbridge.backends import describe, detect
-from torchbridge.bench.harness import time_callable
+from torchbridge.bench.harness import time_rounds
 from torchbridge.pipeline import fusion, packing
 from torchbridge.pipeline.loading import load_model
 
@@ -91,16 +90,12 @@ def main() -> None:
                 ref = calls["plain"]().float().flatten(0, -2)
                 cosine = {k: torch.nn.functional.cosine_similarity(
                     calls[k]().float().flatten(0, -2), ref, dim=-1).min().item() for k in calls}
-                timings: dict[str, list] = {k: [] for k in calls}
-                for r in range(args.rounds):
-                    for k in VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]:
-                        timings[k].append(time_callable(calls[k], runs=args.runs, warmup=1))
-            med = {k: statistics.median(t.median_s for t in v) * 1e3 for k, v in timings.items()}
-            p90 = {k: statistics.median(t.p90_s for t in v) * 1e3 for k, v in timings.items()}
+                timed = time_rounds(calls, rounds=args.rounds, runs=args.runs)
+            med = {k: t["median_ms"] for k, t in timed.items()}
             row = {"model": name, "shape": [batch, seq],
                    "median_ms": {k: round(v, 2) for k, v in med.items()},
-                   "p90_ms": {k: round(v, 2) for k, v in p90.items()},
-                   "first_call_s": {k: round(v[0].first_call_s, 3) for k, v in timings.items()},
+                   "p90_ms": {k: round(t["p90_ms"], 2) for k, t in timed.items()},
+                   "first_call_s": {k: round(t["first_call_s"], 3) for k, t in timed.items()},
                    "speedup_over_plain": {k: round(med["plain"] / v, 3) for k, v in med.items()},
                    "min_cosine_to_plain": {k: round(v, 6) for k, v in cosine.items()}}
             rows.append(row)

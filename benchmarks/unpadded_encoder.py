@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 from pathlib import Path
 
 import torch
 
 from torchbridge.backends import describe, detect
-from torchbridge.bench.harness import time_callable
+from torchbridge.bench.harness import time_rounds
 from torchbridge.pipeline import fusion, packing
 from torchbridge.pipeline.loading import load_model
 from torchbridge.pipeline.padding import wrap_trim_padding
@@ -106,17 +105,13 @@ def main() -> None:
             with torch.no_grad():
                 outs = [calls[k]().float()[real] for k in VERSIONS]
                 cosine = torch.nn.functional.cosine_similarity(*outs, dim=-1).min().item()
-                timings: dict[str, list] = {k: [] for k in VERSIONS}
-                for r in range(args.rounds):
-                    for k in VERSIONS[r % 2:] + VERSIONS[:r % 2]:
-                        timings[k].append(time_callable(calls[k], runs=args.runs, warmup=1))
-            med = {k: statistics.median(t.median_s for t in v) * 1e3 for k, v in timings.items()}
-            p90 = {k: statistics.median(t.p90_s for t in v) * 1e3 for k, v in timings.items()}
+                timed = time_rounds(calls, rounds=args.rounds, runs=args.runs)
+            med = {k: t["median_ms"] for k, t in timed.items()}
             row = {"model": name, "batch": label, "shape": list(real.shape),
                    "real_tokens": int(real.sum()),
                    "median_ms": {k: round(v, 2) for k, v in med.items()},
-                   "p90_ms": {k: round(v, 2) for k, v in p90.items()},
-                   "first_call_s": {k: round(v[0].first_call_s, 3) for k, v in timings.items()},
+                   "p90_ms": {k: round(t["p90_ms"], 2) for k, t in timed.items()},
+                   "first_call_s": {k: round(t["first_call_s"], 3) for k, t in timed.items()},
                    "speedup": round(med["grouped"] / med["padding removed"], 3),
                    "min_cosine_between": round(cosine, 6)}
             rows.append(row)

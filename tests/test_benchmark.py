@@ -314,3 +314,15 @@ def test_missing_matplotlib_is_named_where_the_chart_is_skipped(tmp_path, monkey
     assert "chart" not in paths
     assert "matplotlib is not installed" in capsys.readouterr().err
     assert "matplotlib" in json.loads(paths["json"].read_text())["notes"][0]
+
+
+def test_time_rounds_rotates_the_order_and_reports_every_call():
+    from torchbridge.bench.harness import time_rounds
+
+    order = []
+    calls = {k: (lambda k=k: order.append(k)) for k in "abc"}
+    timed = time_rounds(calls, rounds=3, runs=1)
+    # each round calls every entry 3 times (first, warm-up, timed), starting one later each round
+    assert "".join(order[::3]) == "abcbcacab"
+    assert set(timed) == set("abc")
+    assert all(set(t) == {"median_ms", "p90_ms", "first_call_s"} for t in timed.values())

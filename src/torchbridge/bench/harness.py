@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -160,6 +161,22 @@ class PeakMemory:
         else:
             peak = _read_status_kb("VmHWM") * 1024
         self.value = max(0, peak - self.start)
+
+
+def time_rounds(calls: dict[str, Callable[[], Any]], *, rounds: int, runs: int
+                ) -> dict[str, dict[str, float]]:
+    """Time the calls against each other in one process: ``rounds`` rounds of ``runs`` calls
+    each (one warm-up call per round), the order rotating every round, so that load from other
+    jobs lands on every call alike. Per call: median of the rounds' medians and of their p90s
+    (ms) and the first round's first call (s)."""
+    names = list(calls)
+    timings: dict[str, list[Timing]] = {k: [] for k in names}
+    for r in range(rounds):
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            timings[k].append(time_callable(calls[k], runs=runs, warmup=1))
+    return {k: {"median_ms": statistics.median(t.median_s for t in v) * 1e3,
+                "p90_ms": statistics.median(t.p90_s for t in v) * 1e3,
+                "first_call_s": v[0].first_call_s} for k, v in timings.items()}
 
 
 def _reset_rss_peak() -> bool:

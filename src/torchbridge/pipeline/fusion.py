@@ -24,13 +24,16 @@ alone.
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .packing import PackedLinear, swap_modules
+
+if TYPE_CHECKING:
+    from .unpadding import TokenLayout
 
 # Hugging Face self-attention classes with that shared forward: their projection names, and the
 # output projection the module applies itself (None: the caller applies it).
@@ -68,7 +71,8 @@ class FusedQKVSelfAttention(nn.Module):
         self.train(attn.training)  # a new module starts in training mode (attention dropout on)
 
     def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None,
-                unpadded: Any = None, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+                unpadded: TokenLayout | None = None,
+                **kwargs: Any) -> tuple[Tensor, Tensor | None]:
         qkv = self.qkv(hidden_states)
         if unpadded is None:
             out, weights = self._attend(qkv, attention_mask, **kwargs)

@@ -2,13 +2,14 @@
 
 Everything in a BERT-style layer except attention treats each token on its own: the linears,
 LayerNorm, GELU and the residual adds (~85% of a BERT-base forward in bf16 on the development
-CPU). So once the embeddings are computed, the encoder can gather the real tokens of a padded
-batch into one [1, tokens, hidden] block, run every layer's token-wise work on it, and only for
-attention put q/k/v back into the padded [batch, seq] layout the model's attention interface
-(and its padding mask) expects, then gather the real positions again. The last hidden state is
-scattered back to [batch, seq, hidden] with zeros at padded positions (meaningless before too,
-and what the padding trimmer returns there). Values at real positions are the same arithmetic
-as before, on GEMMs of fewer rows.
+CPU). So once the embeddings are computed, the encoder gathers the real tokens of a padded batch
+into one [1, tokens, hidden] block and runs every layer's token-wise work on it. For attention
+the sequences are regrouped by their length rounded up to KEY_ALIGN (`AttentionGroup`: a few
+calls of the model's attention interface a layer, each with its own key mask), and the outputs
+gathered back into the packed rows. The last hidden state is scattered back to [batch, seq,
+hidden] with zeros at padded positions (meaningless before too, and what the padding trimmer
+returns there). Values at real positions are the same arithmetic as before, on GEMMs of fewer
+rows. `python benchmarks/unpadded_encoder.py` measures it.
 
 It needs the attention modules to know the layout, so it applies to encoders whose every
 self-attention is a `FusedQKVSelfAttention` (pipeline/fusion.py), and is done by two hooks on the
