@@ -26,6 +26,8 @@ from unittest import mock
 import torch
 
 from torchbridge.backends import describe, detect
+from torchbridge.bench.assets._fetch import AssetUnavailableError
+from torchbridge.bench.assets.minilm import load_minilm
 from torchbridge.bench.harness import time_rounds
 from torchbridge.pipeline import fusion, packing
 from torchbridge.pipeline.loading import load_model
@@ -54,13 +56,9 @@ def packed_copy(model: torch.nn.Module, rows: int, variant: str) -> torch.nn.Mod
 def models() -> list[tuple[str, torch.nn.Module, list[tuple[int, int]], str | None]]:
     out = []
     try:
-        from transformers import AutoModel
-
-        from torchbridge.bench.assets.minilm import minilm_dir
-
-        minilm = AutoModel.from_pretrained(minilm_dir(), attn_implementation="sdpa")
+        minilm, _ = load_minilm()
         out.append(("all-MiniLM-L6-v2", minilm, [(1, 16), (4, 32), (32, 32), (32, 128)], None))
-    except Exception as err:  # noqa: BLE001 - the asset is optional: say why it is missing
+    except AssetUnavailableError as err:  # the asset is optional: say why it is missing
         out.append(("all-MiniLM-L6-v2", None, [], f"not measured: {err}"))
     bert = load_model("bert-base-uncased", "sequence-classification", random_weights=True,
                       attn_implementation="sdpa")

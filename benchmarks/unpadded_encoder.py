@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 
 from torchbridge.backends import describe, detect
+from torchbridge.bench.assets._fetch import AssetUnavailableError
+from torchbridge.bench.assets.minilm import load_minilm, review_sentences
 from torchbridge.bench.harness import time_rounds
 from torchbridge.pipeline import fusion, packing
 from torchbridge.pipeline.loading import load_model
@@ -55,8 +57,6 @@ def batches(config, tokenizer) -> dict[str, dict[str, torch.Tensor]]:
     skew["attention_mask"][1:, 16:] = 0
     out["8x128, 7 rows of 16"] = skew
     if tokenizer is not None:
-        from torchbridge.bench.assets.minilm import review_sentences
-
         enc = tokenizer(review_sentences(32), padding=True, truncation=True, max_length=128,
                         return_tensors="pt")
         out[f"32 reviews (x{enc['input_ids'].shape[1]})"] = {
@@ -68,14 +68,8 @@ def models():
     """(name, model, tokenizer or None, note)."""
     out = []
     try:
-        from transformers import AutoModel, AutoTokenizer
-
-        from torchbridge.bench.assets.minilm import minilm_dir
-
-        out.append(("all-MiniLM-L6-v2", AutoModel.from_pretrained(
-            minilm_dir(), attn_implementation="sdpa"), AutoTokenizer.from_pretrained(minilm_dir()),
-            None))
-    except Exception as err:  # noqa: BLE001 - the asset is optional: say why it is missing
+        out.append(("all-MiniLM-L6-v2", *load_minilm(), None))
+    except AssetUnavailableError as err:  # the asset is optional: say why it is missing
         out.append(("all-MiniLM-L6-v2", None, None, f"not measured: {err}"))
     bert = load_model("bert-base-uncased", "feature-extraction", random_weights=True,
                       attn_implementation="sdpa")

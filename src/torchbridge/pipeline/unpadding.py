@@ -24,6 +24,7 @@ token, because oneDNN builds and keeps kernels for every new row count.
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,7 +82,7 @@ class TokenLayout:
         index = real.reshape(-1).nonzero().squeeze(1)
         rows = packed_rows(len(index))
         lengths = real.sum(1).tolist()
-        starts = [sum(lengths[:i]) for i in range(len(lengths))]
+        starts = [0, *itertools.accumulate(lengths)]  # each row's first packed row
         widths = {}  # aligned width -> the rows (sequences) of that width
         for row, n in enumerate(lengths):
             if n:

