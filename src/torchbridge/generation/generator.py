@@ -77,7 +77,7 @@ class FastGenerator:
         self.compile_mode = compile_mode
         self._caches: OrderedDict[tuple[int, int], StaticKVCache] = OrderedDict()
         self._seen_keys: set[tuple[int, int, bool]] = set()
-        self._step = self.decoder.decode_step
+        self._step = self.decoder.decode_next
         self.stats: dict[str, Any] = {
             "compiles": 0,
             "compile_s": 0.0,
@@ -98,9 +98,9 @@ class FastGenerator:
                 return compile_fx(gm, example_inputs, config_patches=options)
 
             # Dynamo keeps compiled graphs (and its recompile limit of 8) per code object. A
-            # private copy of decode_step's code gives each generator its own cache, so several
+            # private copy of decode_next's code gives each generator its own cache, so several
             # generators (fp32 / bf16 / int8, other models) never evict or exhaust each other's.
-            fn = CausalDecoder.decode_step
+            fn = CausalDecoder.decode_next
             own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__,
                                      fn.__defaults__, fn.__closure__)
             # No guards on the decoder's own modules and buffers: it is private to this
@@ -203,12 +203,18 @@ class FastGenerator:
         all_done = torch.zeros(n_new, dtype=torch.bool, device=self.device)
         cache_pos = torch.tensor([t], dtype=torch.long, device=self.device)
 
+        # plain greedy takes the step's own argmax (compiled with it); anything else the logits
+        greedy_in_step = not s.do_sample and not len(procs)
         t0 = time.perf_counter()
         logits, positions = self.decoder.prefill(cache, input_ids, attention_mask)
+        greedy = None
         cur, decode_s, ttft, steps = t, 0.0, 0.0, 0
         for i in range(n_new):
-            scores = procs(out[:, :cur], logits) if len(procs) else logits
-            nxt = select_next(scores, s.do_sample, generator)
+            if greedy_in_step and greedy is not None:
+                nxt = greedy
+            else:
+                scores = procs(out[:, :cur], logits) if len(procs) else logits
+                nxt = select_next(scores, s.do_sample, generator)
             if eos is not None:
                 nxt = torch.where(unfinished, nxt, s.pad_token_id)
             out[:, cur] = nxt
@@ -229,7 +235,8 @@ class FastGenerator:
             ts = time.perf_counter()
             if self.compile and self.device.type == "cuda":
                 torch.compiler.cudagraph_mark_step_begin()
-            logits = self._step(nxt, positions, cache_pos, cache.k, cache.v, cache.valid, gemv)
+            logits, greedy, positions, cache_pos = self._step(
+                nxt, positions, cache_pos, cache.k, cache.v, cache.valid, gemv)
             if first:  # the first call of a new shape compiles: count it apart from decoding
                 synchronize(self.device)
                 self._seen_keys.add(key)
@@ -238,8 +245,6 @@ class FastGenerator:
             else:
                 decode_s += time.perf_counter() - ts
                 steps += 1
-            positions = positions + 1
-            cache_pos = cache_pos + 1
         if eos is not None and sync_every > 1 and bool(all_done[: cur - t].any()):
             cur = t + int(all_done[: cur - t].nonzero()[0, 0]) + 1  # exact HF stop point
         synchronize(self.device)
@@ -280,11 +285,10 @@ class FastGenerator:
         for i in range(n - 1):
             if self.compile and self.device.type == "cuda":
                 torch.compiler.cudagraph_mark_step_begin()
-            logits = self._step(forced[:, i].contiguous(), positions, cache_pos, cache.k, cache.v,
-                                cache.valid, gemv)
+            _, greedy, positions, cache_pos = self._step(
+                forced[:, i].contiguous(), positions, cache_pos, cache.k, cache.v, cache.valid, gemv)
             self._seen_keys.add((b, cache.length, gemv))
-            preds.append(logits.argmax(-1))
-            positions, cache_pos = positions + 1, cache_pos + 1
+            preds.append(greedy)
         return torch.stack(preds, 1)
 
     # -- helpers ---------------------------------------------------------------------------------
