@@ -44,8 +44,8 @@ import torch
 
 from torchbridge.bench.assets._fetch import AssetUnavailableError
 from torchbridge.bench.assets.minilm import minilm_dir, review_sentences
+from torchbridge.bench.environment import env_report
 from torchbridge.bench.harness import percentile
-from torchbridge.bench.runner import env_report
 
 REFERENCE = "hf_loop_fp32"
 BASELINE = "st_torch"

@@ -30,7 +30,7 @@ from typing import Any
 import psutil
 
 from torchbridge.bench.assets.minilm import minilm_dir, review_sentences
-from torchbridge.bench.runner import env_report
+from torchbridge.bench.environment import env_report
 
 LONG = " ".join(["remarkably"] * 600)
 ENV = dict(os.environ)  # --threads sets OMP_NUM_THREADS for the `torchbridge run` processes

@@ -401,7 +401,7 @@ def main() -> None:
     args.gen_concurrency = [int(x) for x in args.gen_concurrency.split(",")]
     args.model_flags = ["--dtype", args.dtype] + ([] if args.compile else ["--no-compile"])
     from torchbridge.bench.assets.minilm import review_sentences
-    from torchbridge.bench.runner import env_report
+    from torchbridge.bench.environment import env_report
 
     sentences = review_sentences(2000)
     doc: dict[str, Any] = {"env": env_report("cpu"), "args": {k: str(v) for k, v in

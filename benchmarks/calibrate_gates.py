@@ -25,7 +25,7 @@ import torch
 from torchbridge.bench.assets._fetch import AssetUnavailableError
 from torchbridge.bench.assets.minilm import minilm_dir, review_sentences
 from torchbridge.bench.assets.smollm2 import smollm2_dir
-from torchbridge.bench.runner import env_report
+from torchbridge.bench.environment import env_report
 from torchbridge.models.text import TextModelConfig, TextModelOptimizer
 from torchbridge.pipeline.loading import load_model, load_tokenizer
 from torchbridge.pipeline.verify import compare_causal, compare_encoder

@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchbridge.bench.runner import count_flops, env_report, make_batch
+from torchbridge.bench.environment import env_report
+from torchbridge.bench.runner import count_flops, make_batch
 from torchbridge.pipeline.loading import load_model
 from torchbridge.pipeline.padding import wrap_trim_padding
 from torchbridge.precisions.int8_dynamic import quantize_dynamic_int8

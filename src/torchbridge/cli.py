@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_env(args: argparse.Namespace) -> int:
-    from torchbridge.bench.runner import env_report
+    from torchbridge.bench.environment import env_report
 
     env = env_report(args.device)
     if args.json:

@@ -5,8 +5,6 @@ the same weights and the same token ids, timed by :func:`torchbridge.bench.harne
 from __future__ import annotations
 
 import gc
-import os
-import platform
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
@@ -20,6 +18,7 @@ from torchbridge.precisions import DTYPE_SPELLINGS
 
 from .ceiling import ceiling_key
 from .ceiling import measure as measure_ceiling
+from .environment import env_report
 from .harness import (
     PeakMemory,
     Row,
@@ -31,49 +30,6 @@ from .harness import (
 from .peers import PEERS, Backend, PeerUnavailable, Workload, torch_backend
 
 DTYPES = DTYPE_SPELLINGS
-OPTIONAL_PACKAGES = ("onnxruntime", "onnx", "openvino", "ctranslate2", "matplotlib", "tqdm")
-
-
-def env_report(device: str = "auto") -> dict[str, Any]:
-    """Versions, the device and what it computes natively, and what "auto" picks on it."""
-    import importlib.metadata as md
-
-    import transformers
-
-    import torchbridge
-    from torchbridge.backends import describe, detect
-    from torchbridge.models.text import TextModelConfig
-    from torchbridge.pipeline.plan import make_plan
-
-    def version(pkg: str) -> str | None:
-        try:
-            return md.version(pkg)
-        except md.PackageNotFoundError:
-            return None
-
-    info = detect(device)
-    auto = {}
-    for mode in ("inference", "throughput"):
-        plan = make_plan(TextModelConfig(optimization_mode=mode, device=device))
-        auto[mode] = {"dtype": str(plan.dtype).replace("torch.", ""),
-                      "dtype_reason": plan.dtype_reason, "attention": plan.attention,
-                      "torch_compile": plan.compile,
-                      "compile_mode": plan.compile_mode if plan.compile else None,
-                      "quantization": plan.quantization}
-    return {
-        "torchbridge": torchbridge.__version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        # other processes competing for the cores skew every timing: say how busy the machine was
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "peers": {pkg: version(pkg) for pkg in OPTIONAL_PACKAGES},
-        "device": describe(info),
-        "auto": auto,
-    }
-
-
 @dataclass
 class BenchSpec:
     model: str

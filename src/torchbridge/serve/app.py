@@ -6,7 +6,7 @@
 Which endpoints answer depends on the model's task: /v1/embeddings for encoders, /v1/classify
 for sequence / token classifiers, /v1/completions and /v1/chat/completions for causal LMs; the
 others answer 404 naming the task served. Errors use OpenAI's body shape
-`{"error": {"message", "type", "param", "code"}}`.
+`{"error": {"message", "type", "param", "code"}}` (serve/errors.py).
 """
 
 
@@ -23,6 +23,7 @@ import numpy as np
 
 from torchbridge.serve.batching import EncoderBatcher, QueueFull
 from torchbridge.serve.engine import Chunk, GenerationEngine, Stream
+from torchbridge.serve.errors import APIError, error_body, shed, validation_error_body
 from torchbridge.serve.metrics import MetricsMiddleware, ServeMetrics
 from torchbridge.serve.schemas import (
     ChatCompletionRequest,
@@ -39,18 +40,6 @@ ENCODER_TASKS = ("feature-extraction", "sequence-classification", "token-classif
 CLASSIFY_TASKS = ("sequence-classification", "token-classification")
 # How often a non-streaming handler looks whether its client is still there.
 DISCONNECT_POLL_S = 0.25
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, *, param: str | None = None,
-                 type_: str = "invalid_request_error", headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.type = status, message, param, type_
-        self.headers = headers or {}
-
-
-def _error_body(message: str, type_: str, param: str | None = None, code: Any = None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
 def _require(module: str) -> Any:
@@ -132,11 +121,6 @@ class _Server:
         return sum(lengths)
 
 
-def _shed(err: QueueFull) -> APIError:
-    return APIError(429, str(err), type_="rate_limit_error",
-                    headers={"Retry-After": str(err.retry_after_s)})
-
-
 async def _until_disconnect(request: Any, task: asyncio.Future, on_gone: Any = None) -> Any:
     """Await `task`, giving up (and calling `on_gone`) when the client disconnects."""
     while True:
@@ -174,19 +158,12 @@ def create_app(model: Any, settings: ServeSettings) -> Any:
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, err: APIError) -> JSONResponse:
-        return JSONResponse(_error_body(err.message, err.type, err.param), status_code=err.status,
+        return JSONResponse(error_body(err.message, err.type, err.param), status_code=err.status,
                             headers=err.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(_: Request, err: RequestValidationError) -> JSONResponse:
-        problems = []
-        for e in err.errors():
-            loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body"
-            problems.append(f"{loc}: {e.get('msg')}")
-        first = err.errors()[0] if err.errors() else {}
-        param = ".".join(str(x) for x in first.get("loc", ()) if x != "body") or None
-        return JSONResponse(_error_body("invalid request body: " + "; ".join(problems),
-                                        "invalid_request_error", param), status_code=422)
+        return JSONResponse(validation_error_body(err.errors()), status_code=422)
 
     async def auth(request: Request) -> None:  # async: a sync dependency costs a thread hop
         if settings.api_key is None:
@@ -223,7 +200,7 @@ def create_app(model: Any, settings: ServeSettings) -> Any:
             task = asyncio.ensure_future(batcher.submit(texts, n_tokens))
             results = await _until_disconnect(request, task)
         except QueueFull as err:
-            raise _shed(err) from None
+            raise shed(err) from None
         server.metrics.count_tokens("input", n_tokens)
         return results, n_tokens
 
@@ -278,7 +255,7 @@ def create_app(model: Any, settings: ServeSettings) -> Any:
         try:
             return engine.submit(ids, n, sampling(body), seed=body.seed, stops=body.stops())
         except QueueFull as err:
-            raise _shed(err) from None
+            raise shed(err) from None
 
     async def collect(stream: Stream, request: Request) -> tuple[str, str]:
         async def read() -> tuple[str, str]:
@@ -310,7 +287,7 @@ def create_app(model: Any, settings: ServeSettings) -> Any:
                 while True:
                     chunk: Chunk = await stream.chunks.get()
                     if chunk.error:
-                        yield sse(_error_body(chunk.error, "server_error"))
+                        yield sse(error_body(chunk.error, "server_error"))
                         break
                     if chunk.text or chunk.finish_reason:
                         yield sse(make_chunk(chunk.text, chunk.finish_reason))
