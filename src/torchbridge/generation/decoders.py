@@ -173,7 +173,7 @@ class CausalDecoder(nn.Module):
         """`decode_step` and what the generation loop needs of every step besides the logits:
         (logits, greedy next tokens [B], next positions, next cache slot). Compiled with the step,
         the argmax and the two increments fuse into its kernels instead of costing eager calls
-        each token (the argmax over a 50k vocabulary alone ~0.1 ms on the development CPU)."""
+        each token (GPT-2 int8-weight-only, 50 greedy tokens: 428 vs 436 ms, ad hoc)."""
         logits = self.decode_step(tokens, positions, cache_pos, k_cache, v_cache, valid, gemv)
         return logits, logits.argmax(-1), positions + 1, cache_pos + 1
 
