@@ -178,7 +178,7 @@ def cmd_env(args: argparse.Namespace) -> int:
         print(f"capability  sm {dev['compute_capability']}, {dev.get('total_memory_gb')} GB")
     print(f"precision   bf16={dev['bf16']} fp16={dev['fp16']} fp8={dev['fp8']}")
     print(f"cpu         ISA: {', '.join(dev['cpu_isa']) or 'none detected'}; "
-          f"threads {dev['threads']} of {dev['cpu_count']} cores")
+          f"threads {dev['threads']} of {dev['cpu_count']} cores; waits: {env['openmp_spin']}")
     for mode, auto in env["auto"].items():
         compile_ = auto["compile_mode"] if auto["torch_compile"] else "off"
         print(f"auto[{mode}] dtype {auto['dtype']} ({auto['dtype_reason']}), attention "
@@ -331,6 +331,9 @@ def _quiet_transformers() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from torchbridge.cpu_threads import bound_openmp_spin
+
+    bound_openmp_spin()  # before anything imports torch
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:

@@ -22,6 +22,7 @@ def env_report(device: str = "auto") -> dict[str, Any]:
 
     import torchbridge
     from torchbridge.backends import describe, detect
+    from torchbridge.cpu_threads import openmp_spin
     from torchbridge.models.text import TextModelConfig
     from torchbridge.pipeline.plan import make_plan
 
@@ -49,6 +50,8 @@ def env_report(device: str = "auto") -> dict[str, Any]:
         # other processes competing for the cores skew every timing: say how busy the machine was
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "peers": {pkg: version(pkg) for pkg in OPTIONAL_PACKAGES},
+        # how CPU threads wait decides how a shared machine's load shows in every timing
+        "openmp_spin": openmp_spin(),
         "device": describe(info),
         "auto": auto,
     }
