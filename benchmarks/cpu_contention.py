@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from torchbridge.cpu_threads import SPIN_COUNT, SPIN_VARIABLE
+from torchbridge.cpu_threads import SHARED_CORES_SPIN, SPIN_VARIABLE
 
 WORKLOADS = ("gpt2-int8-decode", "bert-base-bf16")
 
@@ -104,7 +104,7 @@ def busy_core() -> subprocess.Popen:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--spins", default=f"default,{SPIN_COUNT},1000",
+    parser.add_argument("--spins", default=f"default,{SHARED_CORES_SPIN},1000",
                         help="GOMP_SPINCOUNT values to compare ('default': libgomp's own)")
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--runs", type=int, default=10, help="timed calls per process")

@@ -331,9 +331,6 @@ def _quiet_transformers() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from torchbridge.cpu_threads import bound_openmp_spin
-
-    bound_openmp_spin()  # before anything imports torch
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
