@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchbridge.precisions.int8_dynamic import Int8DynamicLinear, asymmetric_grid
+from torchbridge.precisions.int8_dynamic import Int8DynamicLinear
 from torchbridge.precisions.int8_weight_only import Int8WeightOnlyLinear, int8_weight_matmul
 
 __all__ = ["Proj", "DynamicProj", "ProjGroup"]
@@ -114,10 +114,8 @@ class DynamicProj(nn.Module):
         m = self.module
         if not gemv:
             return m(x)
-        x2 = m.rows(x)
-        x_scale, zero = asymmetric_grid(x2, per_row=True)
-        levels = (torch.round(x2 / x_scale) + zero).clamp(0, 255) - zero
-        y = reduce_rows(levels, self.weight) * (x_scale * m.scales)
+        codes, zero, x_scale = m.quantize_tokens(m.rows(x))
+        y = reduce_rows(codes - zero, self.weight) * (x_scale * m.scales)
         if m.bias is not None:
             y = y + m.bias
         return y.to(x.dtype).reshape(*x.shape[:-1], m.out_features)

@@ -96,13 +96,19 @@ class Int8DynamicLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features).float()
         return x2 if self.inv_smooth is None else x2 * self.inv_smooth
 
+    def quantize_tokens(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rows x2 [tokens, in] on their per-token grid: (codes in [0, 255] as floats, zero
+        point, scale), x2 ~ (codes - zero) * scale. The one place the activation grid is spelled
+        (this forward and the decoder's batch-1 projection use it)."""
+        x_scale, zero = asymmetric_grid(x2, per_row=True)
+        return (torch.round(x2 / x_scale) + zero).clamp(0, 255), zero, x_scale
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = self.rows(x)
-        x_scale, zero = asymmetric_grid(x2, per_row=True)
+        codes, zero, x_scale = self.quantize_tokens(self.rows(x))
         zero = zero - 128.0  # the same grid on int8: [-128, 127]
-        xq = (torch.round(x2 / x_scale) + zero).clamp(-128, 127).to(torch.int8)
-        if x2.device.type == "cuda" and xq.shape[0] <= 16:
+        xq = (codes - 128.0).to(torch.int8)
+        if xq.device.type == "cuda" and xq.shape[0] <= 16:
             # cuBLAS int8 GEMM needs M > 16; tiny batches are bandwidth-bound anyway. The device
             # test comes first: compiled, a test of the size alone would guard the graph to it
             acc = xq.float() @ self.weight_t.float()
