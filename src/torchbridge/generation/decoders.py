@@ -169,13 +169,17 @@ class CausalDecoder(nn.Module):
         v_cache: list[torch.Tensor],
         valid: torch.Tensor,
         gemv: bool,
+        banned: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """`decode_step` and what the generation loop needs of every step besides the logits:
-        (logits, greedy next tokens [B], next positions, next cache slot). Compiled with the step,
-        the argmax and the two increments fuse into its kernels instead of costing eager calls
-        each token (GPT-2 int8-weight-only, 50 greedy tokens: 428 vs 436 ms, ad hoc)."""
+        (logits, greedy next tokens [B], next positions, next cache slot). ``banned`` [V] bool
+        marks tokens the greedy choice may not take (HF's min-length rules ban EOS this way:
+        -inf where banned); the logits come back unchanged. Compiled with the step, the argmax
+        and the two increments fuse into its kernels instead of costing eager calls each token
+        (GPT-2 int8-weight-only, 50 greedy tokens: 428 vs 436 ms, ad hoc)."""
         logits = self.decode_step(tokens, positions, cache_pos, k_cache, v_cache, valid, gemv)
-        return logits, logits.argmax(-1), positions + 1, cache_pos + 1
+        greedy = torch.where(banned, float("-inf"), logits).argmax(-1)
+        return logits, greedy, positions + 1, cache_pos + 1
 
     def weight_bytes_per_token(self) -> int:
         """Bytes of weights one decode step reads (embedding tables excluded except the tied head:

@@ -25,7 +25,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-__all__ = ["GenSettings", "SUPPORTED_ARGS", "resolve_settings", "build_processors", "select_next"]
+__all__ = ["GenSettings", "SUPPORTED_ARGS", "resolve_settings", "build_processors", "select_next",
+           "MIN_LENGTH_RULES", "eos_banned_below"]
 
 # Arguments of HF `generate` this path implements (beyond input_ids / attention_mask).
 SUPPORTED_ARGS = (
@@ -176,6 +177,18 @@ def build_processors(
         if s.top_p < 1.0:
             procs.append(TopPLogitsWarper(top_p=s.top_p, min_tokens_to_keep=1))
     return procs
+
+
+# HF's processors that only ban EOS below a length: greedy decoding with nothing else is the
+# decode step's own argmax with those tokens banned (FastGenerator passes the ban to the step).
+MIN_LENGTH_RULES = (MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor)
+
+
+def eos_banned_below(s: GenSettings, prompt_length: int) -> int:
+    """The sequence length (prompt included) below which the min-length rules ban EOS."""
+    if s.eos_token_ids is None:
+        return 0
+    return max(s.min_length, prompt_length + (s.min_new_tokens or 0))
 
 
 def select_next(
