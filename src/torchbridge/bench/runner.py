@@ -132,9 +132,10 @@ def _optimized_backend(spec: BenchSpec, wl: Workload, task: str) -> tuple[Backen
         cfg["quantization"] = spec.quantization
     if spec.compile is not None:
         cfg["use_torch_compile"] = spec.compile
-    if not wl.generation:
-        # warm up at the shape that will be timed, so compile work is not billed to the run
-        cfg.update(warmup_batch_size=spec.batch_size, warmup_seq_len=spec.seq_len)
+    # warm up at the shape that will be timed (a decoder: its KV cache, prompt + new tokens),
+    # so compile work is not billed to the run
+    cfg.update(warmup_batch_size=spec.batch_size,
+               warmup_seq_len=spec.seq_len + (spec.new_tokens if wl.generation else 0))
     opt = TextModelOptimizer(TextModelConfig(**cfg))
     model = opt.optimize(wl.model, task=task)
     info = opt.get_optimization_info()
