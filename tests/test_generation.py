@@ -147,7 +147,7 @@ def test_greedy_min_new_tokens_bans_eos_inside_the_step(family):
 
 
 @torch.inference_mode()
-def test_compiled_greedy_equals_eager_and_compiles_once(family, compiled):
+def test_compiled_greedy_equals_eager_and_compiles_once_per_bucket(family, compiled):
     model, fast = compiled[family]
     eager = FastGenerator(model, compile=False)
     prompt = torch.randint(2, 97, (1, 8), generator=torch.Generator().manual_seed(5))
