@@ -136,3 +136,25 @@ def test_the_optimizer_removes_padding_unless_trimming_is_off():
     assert "the encoder removes the rest of the padding itself" in trim.detail
     off = TextModelOptimizer(no_compile(dtype=torch.bfloat16, device="cpu", trim_padding=False))
     assert not removes_padding(off.optimize(tiny_model("distilbert", "token-classification")))
+
+
+@needs_onednn
+def test_an_fp32_encoder_removes_padding_without_packing():
+    """fp32 linears stay unpacked, but q/k/v are fused and padding removed: the padded batch's
+    real positions equal the plain fp32 model's to fp32 rounding."""
+    from conftest import no_compile
+
+    from torchbridge.models.text import TextModelOptimizer
+    from torchbridge.pipeline.packing import PackedLinear
+
+    reference = tiny_model("bert", "feature-extraction")
+    opt = TextModelOptimizer(no_compile(dtype=torch.float32, device="cpu"))
+    model = opt.optimize(copy.deepcopy(reference))
+    assert removes_padding(model) and opt.report.verify.passed
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())
+    step = next(s for s in opt.report.steps if s.name == "packed weights")
+    assert not step.applied and "fp32: query/key/value as one GEMM" in step.detail
+    mask = _mask("1" * 16, "1" * 5 + "0" * 11, "1" * 9 + "0" * 7)
+    got, want = _run(model, mask).last_hidden_state, _run(reference, mask).last_hidden_state
+    keep = mask.bool()
+    torch.testing.assert_close(got[keep], want[keep], atol=1e-5, rtol=1e-5)

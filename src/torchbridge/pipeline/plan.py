@@ -80,6 +80,13 @@ class Plan:
         return True, "bf16 linear weights reordered once into oneDNN's blocked layout, not per call"
 
     @property
+    def unpads_float32(self) -> bool:
+        """Fuse q/k/v and remove padding inside an uncompiled fp32 encoder on a CPU (a bf16 one
+        does both as part of `pack_weights`; fp32 linears stay on MKL's GEMM, unpacked)."""
+        return (device_ops(self.device).packs_linear_weights and self.dtype == torch.float32
+                and not self.quantization and not self.compile and self.trim_padding)
+
+    @property
     def precision_name(self) -> str:
         return effective(self.dtype, self.quantization).name
 

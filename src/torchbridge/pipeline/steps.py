@@ -83,10 +83,22 @@ def pack_weights(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn
         if adds:
             reason += f"; residual add inside the GEMM before it in {adds} output blocks"
         if plan.trim_padding and remove_padding(model):
-            reason += ("; padding removed inside the encoder (token-wise work on the real tokens "
-                       "only, attention sequence by sequence)")
+            reason += "; " + _UNPADDED
+    elif plan.unpads_float32:
+        from .fusion import fuse_qkv
+        from .unpadding import remove_padding
+
+        # Padding removal needs the fused attention module; fp32 linears are not packed.
+        fused = fuse_qkv(model)
+        if fused and remove_padding(model):
+            reason += (f"; fp32: query/key/value as one GEMM in {fused} self-attention blocks, "
+                       + _UNPADDED)
     report.step("packed weights", pack, reason)
     return model
+
+
+_UNPADDED = ("padding removed inside the encoder (token-wise work on the real tokens only, "
+             "attention sequence by sequence)")
 
 
 def autocast(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn.Module:
