@@ -90,9 +90,10 @@ def pack_weights(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn
 
         # Padding removal needs the fused attention module; fp32 linears are not packed.
         fused = fuse_qkv(model)
+        if fused:
+            reason += f"; fp32: query/key/value as one GEMM in {fused} self-attention blocks"
         if fused and remove_padding(model):
-            reason += (f"; fp32: query/key/value as one GEMM in {fused} self-attention blocks, "
-                       + _UNPADDED)
+            reason += ", " + _UNPADDED
     report.step("packed weights", pack, reason)
     return model
 
