@@ -217,7 +217,7 @@ class FastGenerator:
         # Greedy decoding takes the step's own argmax (compiled with it), with EOS banned there
         # while HF's min-length rules would ban it; anything else processes the logits.
         greedy_in_step = not s.do_sample and all(isinstance(p, MIN_LENGTH_RULES) for p in procs)
-        ban_below = eos_banned_below(s, t)
+        ban_below = eos_banned_below(procs)
         t0 = time.perf_counter()
         logits, positions = self.decoder.prefill(cache, input_ids, attention_mask)
         no_ban, ban_eos = self._bans(logits.shape[-1], s.eos_token_ids)

@@ -184,11 +184,12 @@ def build_processors(
 MIN_LENGTH_RULES = (MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor)
 
 
-def eos_banned_below(s: GenSettings, prompt_length: int) -> int:
-    """The sequence length (prompt included) below which the min-length rules ban EOS."""
-    if s.eos_token_ids is None:
-        return 0
-    return max(s.min_length, prompt_length + (s.min_new_tokens or 0))
+def eos_banned_below(procs: LogitsProcessorList) -> int:
+    """The sequence length (prompt included) below which the min-length rules among ``procs``
+    ban EOS (0: none), read from the processors themselves so the two cannot disagree."""
+    return max((p.min_length if isinstance(p, MinLengthLogitsProcessor)
+                else p.prompt_length_to_skip + p.min_new_tokens
+                for p in procs if isinstance(p, MIN_LENGTH_RULES)), default=0)
 
 
 def select_next(
