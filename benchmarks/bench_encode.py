@@ -210,7 +210,8 @@ def bench_ray(args: argparse.Namespace, folder: Path, sentences: list[str], out:
     from torchbridge.data.table import Options
     from torchbridge.models.text import TextModelOptimizer, create_optimized_text_model
 
-    work = Path(tempfile.mkdtemp(prefix="bench-encode-ray-"))
+    tmp = tempfile.TemporaryDirectory(prefix="bench-encode-ray-")  # removed when this returns
+    work = Path(tmp.name)
     saved = work / "minilm-optimized"
     t0 = time.perf_counter()
     optimizer = TextModelOptimizer()  # what `torchbridge optimize FOLDER --output DIR` does

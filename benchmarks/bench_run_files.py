@@ -129,7 +129,8 @@ def main() -> int:
     args = p.parse_args()
     if args.threads:
         ENV["OMP_NUM_THREADS"] = str(args.threads)
-    work = Path(tempfile.mkdtemp(prefix="bench-run-files-"))
+    tmp = tempfile.TemporaryDirectory(prefix="bench-run-files-")  # removed when main returns
+    work = Path(tmp.name)
     model = work / "tiny-classifier"
     make_model(model)
     base = [sys.executable, "-m", "torchbridge.cli", "run", str(model), "--task", "text-classification",

@@ -43,9 +43,10 @@ print(json.dumps({"ready_s": ready, "first_call_s": first, "total_s": ready + fi
 
 
 def child(mode: str, src: str, task: str, random: bool) -> dict:
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix="inductor-"))
-    proc = subprocess.run([sys.executable, "-c", CHILD, mode, src, task, "1" if random else "0"],
-                          capture_output=True, text=True, env=env, check=False)
+    with tempfile.TemporaryDirectory(prefix="inductor-") as cache:  # a cold compile cache each
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache)
+        proc = subprocess.run([sys.executable, "-c", CHILD, mode, src, task, "1" if random else "0"],
+                              capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"{mode} run failed: {proc.stderr.strip().splitlines()[-1]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -58,7 +59,8 @@ def main() -> int:
     p.add_argument("--random-weights", action="store_true")
     p.add_argument("--output", type=Path, default=Path("bench-results/optimize_reload.json"))
     args = p.parse_args()
-    out_dir = Path(tempfile.mkdtemp(prefix="tb-optimized-")) / "saved"
+    tmp = tempfile.TemporaryDirectory(prefix="tb-optimized-")  # removed when main returns
+    out_dir = Path(tmp.name) / "saved"
     cmd = ["torchbridge", "optimize", args.model, "--task", args.task, "--output", str(out_dir)]
     if args.random_weights:
         cmd.append("--random-weights")
