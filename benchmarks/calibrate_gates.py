@@ -34,6 +34,7 @@ from torchbridge.precisions import PrecisionNotSupportedError, precision
 CANDIDATES = {  # (dtype, weight format) per model kind
     "encoder": [(torch.float32, None), (torch.bfloat16, None), (torch.float16, None),
                 (torch.float32, "int8-dynamic"), (torch.bfloat16, "int8-dynamic"),
+                (torch.float32, "int8-static"), (torch.bfloat16, "int8-static"),
                 (torch.float32, "int8-weight-only"), (torch.bfloat16, "fp8-weight-only")],
     "causal-lm": [(torch.float32, None), (torch.bfloat16, None), (torch.float16, None),
                   (torch.float32, "int8-weight-only"), (torch.bfloat16, "int8-weight-only"),

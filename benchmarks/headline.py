@@ -6,7 +6,8 @@
 2. gpt2, batch 1, 8-token prompt, 50 greedy new tokens.
 
 Beside the default torchbridge row: explicit fp32 and int8-dynamic (int8 weights and per-token
-int8 activations, what the int8 peers run), and for GPT-2 also int8-weight-only (`--variants`).
+int8 activations, what the int8 peers run), for BERT also int8-static (activation ranges calibrated
+on the gate batch) and for GPT-2 int8-weight-only (`--variants`).
 
 Each model loads from a local folder or the Hugging Face cache; when it is not available offline
 it runs with seeded random weights (speed does not depend on the values) and the output says so.
@@ -31,7 +32,7 @@ from torchbridge.pipeline.loading import ModelNotAvailableError, load_config
 WORKLOADS = [
     # (folder name, model, task, batch, seq or prompt length, new tokens, torchbridge variants)
     ("bert-base-b8-s128", "bert-base-uncased", "sequence-classification", 8, 128, 0,
-     "fp32,int8-dynamic"),
+     "fp32,int8-dynamic,int8-static"),
     ("gpt2-50-tokens", "gpt2", "causal-lm", 1, 8, 50, "fp32,int8-dynamic,int8-weight-only"),
 ]
 
@@ -55,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", type=Path, default=Path("bench-results/headline"))
     p.add_argument("--variants", default=None,
                    help="more torchbridge rows, the same for both workloads (default: fp32 and "
-                        "int8-dynamic, plus int8-weight-only for GPT-2; '' for none)")
+                        "int8-dynamic, plus int8-static for BERT and int8-weight-only for GPT-2; "
+                        "'' for none)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for every row (default: torch's default). On a machine "
                         "shared with other jobs, 1 avoids threads waiting on each other")

@@ -222,11 +222,15 @@ def test_the_ceiling_of_a_precision_is_its_best_path() -> None:
 
 def test_extra_torchbridge_rows(tiny_dirs: dict[str, Path]) -> None:
     doc = run_benchmark(BenchSpec(model=str(tiny_dirs["bert"]), batch_size=2, seq_len=16,
-                                  runs=1, warmup=0, padded=False, variants=["fp32"]))
+                                  runs=1, warmup=0, padded=False,
+                                  variants=["fp32", "int8-static"]))
     (row,) = _ok(doc, "torchbridge-fp32")
     assert row["kind"] == "optimized" and row["dtype"] == "float32"
     assert row["max_abs_diff"] < 1e-4
-    choices = "fp32, int8-dynamic, int8-weight-only"
+    (row,) = _ok(doc, "torchbridge-int8-static")
+    assert row["dtype"] == "int8" and row["notes"].endswith("int8-static")
+    assert row["agreement"] == 1.0 and row["max_abs_diff"] < 0.05
+    choices = "fp32, int8-dynamic, int8-static, int8-weight-only"
     with pytest.raises(ValueError, match=f"unknown --variants fp64; choices: {choices}"):
         BenchSpec(model="x", variants=["fp64"]).validate()
 

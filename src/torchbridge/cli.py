@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"peers: all, none or a comma list of {', '.join(PEERS)}")
     p.add_argument("--variants", default="",
                    help="more torchbridge rows, comma list of fp32, int8-dynamic, "
-                        "int8-weight-only")
+                        "int8-static (encoders), int8-weight-only")
     p.add_argument("--runs", type=positive_int, default=10,
                    help="timed calls per row (per round with --rounds)")
     p.add_argument("--rounds", type=positive_int, default=1,

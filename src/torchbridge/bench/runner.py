@@ -73,6 +73,7 @@ class BenchSpec:
 VARIANTS: dict[str, dict[str, Any]] = {
     "fp32": {"dtype": "fp32"},
     "int8-dynamic": {"quantization": "int8-dynamic"},  # int8 weights and activations, as the peers'
+    "int8-static": {"quantization": "int8-static"},  # calibrated activation ranges (encoders, CPU)
     "int8-weight-only": {"quantization": "int8-weight-only"},
 }
 

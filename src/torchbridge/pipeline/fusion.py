@@ -14,6 +14,8 @@
 * **The residual add inside the output GEMM** of each attention and feed-forward block (a
   binary post-op, `fuse_residual_add`): one pass less before each LayerNorm. In eval mode only;
   in training the dropout sits between the two.
+* **Static int8 feed-forward blocks hand over uint8** (`fuse_requantize`): the first GEMM
+  (GELU inside) writes its output on the second projection's calibrated grid.
 
 Each output column is the same dot product as before, so outputs move only by the GEMM's
 summation order (and the GELU and the add by being taken before the bf16 rounding instead of
@@ -29,6 +31,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from torchbridge.precisions.int8_static import FFN_PAIRS, Int8StaticLinear
 
 from .packing import PackedLinear, swap_modules
 
@@ -128,6 +132,9 @@ def fuse_qkv(model: nn.Module) -> int:
     return swap_modules(model, _fusible, FusedQKVSelfAttention)
 
 
+# Linears whose oneDNN GEMM can apply a GELU or add a residual itself (post-ops).
+_POST_OP_LINEARS = (PackedLinear, Int8StaticLinear)
+
 # Modules whose forward is linear -> activation (-> ...): (linear name, activation name).
 _FFN_IN = (("dense", "intermediate_act_fn"), ("lin1", "activation"))
 
@@ -139,13 +146,13 @@ def _exact_gelu(act: nn.Module) -> bool:
 
 
 def fuse_gelu(model: nn.Module) -> int:
-    """Move every exact GELU that follows a packed linear into that linear's GEMM (a oneDNN
-    post-op), in place; returns how many were moved."""
+    """Move every exact GELU that follows a packed or static-int8 linear into that linear's GEMM
+    (a oneDNN post-op), in place; returns how many were moved."""
     moved = 0
     for module in model.modules():
         for lin_name, act_name in _FFN_IN:
             lin, act = getattr(module, lin_name, None), getattr(module, act_name, None)
-            if isinstance(lin, PackedLinear) and lin.post_op == "none" \
+            if isinstance(lin, _POST_OP_LINEARS) and lin.post_op == "none" \
                     and isinstance(act, nn.Module) and _exact_gelu(act):
                 lin.post_op = "gelu"
                 setattr(module, act_name, nn.Identity())
@@ -175,7 +182,27 @@ class ResidualOutput(nn.Module):
 
 
 def fuse_residual_add(model: nn.Module) -> int:
-    """Swap every `_RESIDUAL_OUTPUTS` module whose dense linear is packed for a
+    """Swap every `_RESIDUAL_OUTPUTS` module whose dense linear is packed or static int8 for a
     `ResidualOutput`, in place; returns how many were swapped."""
     return swap_modules(model, lambda m: type(m).__name__ in _RESIDUAL_OUTPUTS
-                 and isinstance(getattr(m, "dense", None), PackedLinear), ResidualOutput)
+                 and isinstance(getattr(m, "dense", None), _POST_OP_LINEARS), ResidualOutput)
+
+
+def fuse_requantize(model: nn.Module) -> int:
+    """Where both projections of a feed-forward block are static int8 and the GELU is inside the
+    first GEMM, have that GEMM write its output on the second's uint8 grid (oneDNN requantizes
+    the accumulator): the widest activation is written once, as uint8, and never quantized
+    again. In place; returns how many blocks were linked."""
+    linked = 0
+    for module in model.modules():
+        for first_name, second_name in FFN_PAIRS:
+            try:
+                first, second = module.get_submodule(first_name), module.get_submodule(second_name)
+            except AttributeError:
+                continue
+            if isinstance(first, Int8StaticLinear) and isinstance(second, Int8StaticLinear) \
+                    and first.post_op == "gelu" and first.requantize_to is None \
+                    and second.smooth is None:  # a smoothed grid is per channel: not oneDNN's
+                first.requantize_to = second
+                linked += 1
+    return linked

@@ -198,6 +198,10 @@ def make_plan(config: TextModelConfig, *, model_max_positions: int | None = None
     notes: list[str] = []
     dtype, implied_format, dtype_auto, reason = _resolve_dtype(config, info, notes)
     quantization = config.quantization or implied_format
+    if quantization == "int8-static" and kind != "encoder":
+        raise ValueError(f"quantization='int8-static' calibrates an encoder's activation ranges on "
+                         f"its gate batch; this model is a {kind} model. Fix: "
+                         "quantization='int8-weight-only' (decoding) or 'int8-dynamic'")
     if quantization:
         note = check_supported(quantization, info)
         if note:
@@ -223,6 +227,14 @@ def make_plan(config: TextModelConfig, *, model_max_positions: int | None = None
         compile_reason = "use_torch_compile=False"
     elif not compile_explicit and info.type == "cpu" and kind == "encoder" and quantization is None:
         compile_on, compile_reason = False, _COMPILE_PAYS_NOTHING
+    elif quantization == "int8-static":
+        if compile_explicit:
+            raise ValueError("use_torch_compile=True was requested with quantization='int8-static', "
+                             "whose GEMMs are oneDNN calls on weights it prepacked itself and run "
+                             "uncompiled; fix: leave use_torch_compile unset, or use "
+                             "quantization='int8-dynamic' (compiled)")
+        compile_on, compile_reason = False, ("int8-static: oneDNN int8 GEMMs on prepacked weights, "
+                                             "with their post-ops fused; nothing left to compile")
     if compile_on and not device_ops(info).graph_capture and "reduce-overhead" in compile_mode:
         notes.append(f"compile_mode={compile_mode!r}: graph capture (CUDA graphs) does not exist on "
                      f"{info.type}; inductor is used without it")

@@ -38,9 +38,13 @@ def candidates(plan: Plan, family: Family, objective: str) -> list[tuple[torch.d
     half = torch.bfloat16 if supports_bf16(info) else (
         torch.float16 if info.type != "cpu" and supports_fp16(info) else None)
     floats = [torch.float32] + ([half] if half is not None else [])
-    int8 = "int8-weight-only" if family.decoder else "int8-dynamic"
-    paired = precision(int8).auto_compute(info)  # the compute an auto plan gives this format
-    pairs = [(dtype, None) for dtype in floats] + [(paired[0] if paired else floats[-1], int8)]
+    int8s = ["int8-weight-only"] if family.decoder else ["int8-dynamic"]
+    if not family.decoder and not plan.compile:  # int8-static runs uncompiled (plan.py)
+        int8s.append("int8-static")
+    pairs = [(dtype, None) for dtype in floats]
+    for int8 in int8s:
+        paired = precision(int8).auto_compute(info)  # the compute an auto plan gives this format
+        pairs.append((paired[0] if paired else floats[-1], int8))
     supported = []
     for dtype, fmt in pairs:
         try:

@@ -35,6 +35,16 @@ def cast(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn.Module:
     return model
 
 
+def prepare_for_quantization(model: nn.Module, plan: Plan) -> nn.Module:
+    """int8-static: query, key and value as one projection first, so one calibrated grid and one
+    activation quantize serve the three (they read the same hidden states)."""
+    if plan.quantization == "int8-static":
+        from .fusion import fuse_qkv
+
+        fuse_qkv(model)
+    return model
+
+
 def quantize(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn.Module:
     if plan.quantization is None:
         report.step("quantization", False, "none requested")
@@ -46,7 +56,7 @@ def quantize(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn.Mod
         device = next(model.parameters()).device
         calibration = {k: v.to(device) for k, v in calibration.items()}
     with torch.no_grad():
-        model = entry.quantize(model, skip, calibration)
+        model = entry.quantize(prepare_for_quantization(model, plan), skip, calibration)
     detail = f"{entry.name}: {entry.describe}"
     if calibration is not None and plan.quantization == "int8-dynamic":
         detail += f"; activation outliers smoothed (SmoothQuant, alpha {INT8_SMOOTH_ALPHA})"
@@ -82,6 +92,19 @@ def pack_weights(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn
             reason += f"; GELU inside the GEMM before it in {gelus} feed-forward blocks"
         if adds:
             reason += f"; residual add inside the GEMM before it in {adds} output blocks"
+        if plan.trim_padding and remove_padding(model):
+            reason += "; " + _UNPADDED
+    elif plan.quantization == "int8-static":
+        from .fusion import fuse_gelu, fuse_requantize, fuse_residual_add
+        from .unpadding import remove_padding
+
+        pack = True
+        gelus, adds = fuse_gelu(model), fuse_residual_add(model)
+        linked = fuse_requantize(model)
+        reason = (f"int8-static: int8 weights prepacked for oneDNN's int8 GEMM by the quantize "
+                  f"step; GELU inside the GEMM in {gelus} feed-forward blocks ({linked} of them "
+                  f"writing the next projection's uint8 input), residual add in {adds} output "
+                  "blocks")
         if plan.trim_padding and remove_padding(model):
             reason += "; " + _UNPADDED
     elif plan.unpads_float32:

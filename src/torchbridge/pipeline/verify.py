@@ -43,6 +43,18 @@ CALIBRATION_TEXT = [
     "What time does the last train to Manchester leave?",
     "Battery life is excellent, although the screen is hard to read in direct sunlight.",
 ]
+# Other sentences for what an optimization calibrates on its inputs (int8 activation ranges and
+# smoothing scales): the gate then measures it on text the calibration never saw.
+CALIBRATION_ONLY_TEXT = [
+    "The bridge was closed for repairs after engineers found cracks in two of its supports.",
+    "Honestly, the soup was cold and the waiter never came back to our table.",
+    "Researchers measured the temperature of the lake every hour for three years.",
+    "Can you send me the report by Friday afternoon?",
+    "The sequel keeps the humour of the first book but the plot drags in the middle.",
+    "Prices for fresh vegetables fell sharply in October as the harvest came in.",
+    "He scored twice in the second half, and the crowd would not stop singing.",
+    "Unplug the device before cleaning it with a dry cloth.",
+]
 
 
 class VerificationError(AssertionError):
@@ -101,11 +113,12 @@ def padded_batch(config, batch: int, seq_len: int, *, seed: int = 0, left_pad: b
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
 
-def text_batch(tokenizer, max_length: int, *, rows: int = 8) -> dict[str, torch.Tensor]:
-    """CALIBRATION_TEXT through the model's own tokenizer, right-padded."""
+def text_batch(tokenizer, max_length: int, *, rows: int = 8,
+               texts: list[str] = CALIBRATION_TEXT) -> dict[str, torch.Tensor]:
+    """``texts`` (the gate's CALIBRATION_TEXT) through the model's own tokenizer, right-padded."""
     if tokenizer.pad_token is None:  # GPT-2 style tokenizers have none: any id works, it is masked
         tokenizer = _with_pad(tokenizer)
-    enc = tokenizer(CALIBRATION_TEXT[:rows], padding=True, truncation=True, max_length=max_length,
+    enc = tokenizer(texts[:rows], padding=True, truncation=True, max_length=max_length,
                     return_tensors="pt")
     # every input the tokenizer makes (BERT's token_type_ids too): the compiled graph is then
     # traced with the keyword arguments that the data path and users pass, not a second set

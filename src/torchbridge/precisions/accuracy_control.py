@@ -1,12 +1,13 @@
-"""Accuracy-controlled dynamic int8: quantize every projection, keep the gate passing.
+"""Accuracy-controlled int8 (dynamic or static): quantize every projection, keep the gate passing.
 
 Quantizing a projection adds noise to the model's output; how much differs a lot from layer to
 layer (a classifier head, or a projection whose inputs carry outlier channels, moves the output
 far more than a mid-stack FFN). :func:`accuracy_controlled_int8`
 
 1. measures each projection's sensitivity: the output of the float model with that projection
-   alone swapped for :class:`Int8DynamicLinear`, against the float output, as the relative error
-   ``||y_q - y|| / ||y||`` over the prediction tensors (real tokens only);
+   alone swapped for its int8 module (:class:`Int8DynamicLinear` or :class:`Int8StaticLinear`),
+   against the float output, as the relative error ``||y_q - y|| / ||y||`` over the prediction
+   tensors (real tokens only);
 2. quantizes every projection and runs the caller's gate;
 3. while the gate fails, puts the most sensitive projections back in float (the very modules
    they were, so bf16 stays bf16 and fp32 stays fp32) in growing groups of 1, 2, 4, ... of the
@@ -29,6 +30,7 @@ import torch
 from torch import nn
 
 from torchbridge.precisions.int8_dynamic import Int8DynamicLinear
+from torchbridge.precisions.int8_static import static_modules
 from torchbridge.precisions.smoothing import activation_channel_max, smoothing_scales
 from torchbridge.precisions.swap import linear_names
 
@@ -97,14 +99,19 @@ def _fallback_counts(limit: int) -> list[int]:
 
 def accuracy_controlled_int8(model: nn.Module, gate: Gate, *, sensitivity_inputs: dict,
                              max_fallback_fraction: float = 0.5,
-                             smooth_alpha: float | None = None) -> tuple[nn.Module, dict]:
-    """Quantize ``model``'s projections (in place) to dynamic int8, keeping in float the fewest
-    most-sensitive ones that make ``gate(model)`` pass. See the module docstring.
+                             smooth_alpha: float | None = None, static: bool = False,
+                             calibration_inputs: dict | None = None,
+                             min_layers_float: int = 0) -> tuple[nn.Module, dict]:
+    """Quantize ``model``'s projections (in place) to dynamic int8 (``static``: static int8 with
+    ranges calibrated on ``sensitivity_inputs``), keeping in float the fewest most-sensitive ones
+    that make ``gate(model)`` pass. See the module docstring.
 
     ``gate(model) -> (passed, values)`` runs the caller's accuracy check. ``sensitivity_inputs``
     are model inputs (input_ids, attention_mask, ...) for the per-layer ranking and, with
     ``smooth_alpha``, the calibration of SmoothQuant scales (alpha in [0, 1]: the share of each
-    channel's range moved into the weights). Returns the model and a record: layers_int8,
+    channel's range moved into the weights) and of static ranges, unless ``calibration_inputs``
+    are given for those. ``min_layers_float``: start the search there (a caller whose built
+    model missed the gate with fewer). Returns the model and a record: layers_int8,
     layers_float (names), sensitivity (the top ones), gate (the last values), smoothing, and
     attempts (every gate run: float layers and its values). Raises Int8AccuracyError when the gate
     still fails with ``max_fallback_fraction`` of the projections in float.
@@ -120,11 +127,18 @@ def accuracy_controlled_int8(model: nn.Module, gate: Gate, *, sensitivity_inputs
     inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in sensitivity_inputs.items()}
     floats = {name: model.get_submodule(name) for name in names}
 
-    smooth: dict[str, torch.Tensor] = {}
-    if smooth_alpha is not None:
-        act_max = activation_channel_max(model, names, inputs)
-        smooth = {n: smoothing_scales(act_max[n], floats[n], smooth_alpha) for n in names}
-    int8 = {n: Int8DynamicLinear(floats[n], smooth=smooth.get(n)).to(device) for n in names}
+    calibration = inputs if calibration_inputs is None else {
+        k: v.to(device) if torch.is_tensor(v) else v for k, v in calibration_inputs.items()}
+    if static:
+        int8: dict[str, nn.Module] = static_modules(model, calibration, names, smooth_alpha)
+        if len(int8) < len(names):
+            raise ValueError(f"calibration never reached {sorted(set(names) - set(int8))[:3]}")
+    else:
+        smooth: dict[str, torch.Tensor] = {}
+        if smooth_alpha is not None:
+            act_max = activation_channel_max(model, names, calibration)
+            smooth = {n: smoothing_scales(act_max[n], floats[n], smooth_alpha) for n in names}
+        int8 = {n: Int8DynamicLinear(floats[n], smooth=smooth.get(n)).to(device) for n in names}
     sensitivity = layer_sensitivity(model, int8, inputs)
     ranking = list(sensitivity)
 
@@ -148,10 +162,13 @@ def accuracy_controlled_int8(model: nn.Module, gate: Gate, *, sensitivity_inputs
         "attempts": attempts,
     }
     limit = math.floor(max_fallback_fraction * len(names))
-    passing = 0 if run_gate(0) else None
-    failing = 0
+    floor = min(min_layers_float, limit)
+    passing = floor if run_gate(floor) else None
+    failing = floor
     if passing is None:
         for k in _fallback_counts(limit):
+            if k <= floor:
+                continue
             if run_gate(k):
                 passing = k
                 break
@@ -162,7 +179,8 @@ def accuracy_controlled_int8(model: nn.Module, gate: Gate, *, sensitivity_inputs
         for name in ranking:  # hand the model back in float, as it came, for a float fallback
             _set(model, name, floats[name])
         raise Int8AccuracyError(
-            f"int8-dynamic fails the accuracy gate even with the {limit} most sensitive of "
+            f"int8-{'static' if static else 'dynamic'} fails the accuracy gate even with the "
+            f"{limit} most sensitive of "
             f"{len(names)} projections in float (max_fallback_fraction={max_fallback_fraction}); "
             f"last gate values: {attempts[-1]['gate']}. Use a float precision (bf16/fp32), allow "
             f"more layers in float, or try smooth_alpha (now {smooth_alpha}).", record)
