@@ -15,6 +15,7 @@ from torchbridge.precisions import PrecisionNotSupportedError, check_supported
 from torchbridge.precisions.accuracy_control import accuracy_controlled_int8
 from torchbridge.precisions.int8_static import Int8StaticLinear, available, input_ranges
 from torchbridge.precisions.int8_weight_only import sqnr_db
+from torchbridge.precisions.smoothing import smoothing_scales
 from torchbridge.precisions.swap import linear_names
 
 pytestmark = pytest.mark.skipif(available() is not None, reason=str(available()))
@@ -40,6 +41,21 @@ def test_module_matches_float_and_fuses_gelu_and_the_residual(dtype):
     q.post_op = "none"
     residual = torch.randn(3, 17, 40)
     assert sqnr_db(ref + residual, q.plus(x.to(dtype), residual.to(dtype)).float()) > 25
+
+
+def test_smoothing_flattens_an_outlier_channel_and_keeps_the_weight():
+    """One loud input channel sets a per-tensor grid; SmoothQuant scales move its range into the
+    weight, so the other channels keep their resolution (and ``weight`` undoes the scaling)."""
+    lin = _linear(32, 16)
+    x = torch.randn(64, 32)
+    x[:, 3] *= 50
+    low, high = x.amin(0), x.amax(0)
+    plain = Int8StaticLinear(lin, low, high)
+    smooth = smoothing_scales(torch.maximum(low.abs(), high.abs()), lin, 0.5)
+    smoothed = Int8StaticLinear(lin, low, high, smooth=smooth)
+    ref = lin(x)
+    assert sqnr_db(ref, smoothed(x)) > sqnr_db(ref, plain(x)) + 6
+    assert sqnr_db(lin.weight, smoothed.weight) > 30 and sqnr_db(lin.weight, plain.weight) > 30
 
 
 def test_inputs_outside_the_calibrated_range_are_clipped():

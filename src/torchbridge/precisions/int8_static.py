@@ -112,7 +112,9 @@ class Int8StaticLinear(nn.Module):
 
     @property
     def weight(self) -> Tensor:
-        return self.weight_int8.float() * self.weight_scales[:, None]
+        """The dequantized [out, in] weight, smoothing undone."""
+        weight = self.weight_int8.float() * self.weight_scales[:, None]
+        return weight if self.smooth is None else weight / self.smooth
 
     def _quantize(self, x: Tensor) -> Tensor:
         """x on this projection's uint8 grid, [rows, in]; a uint8 x is already on it (written by
@@ -150,8 +152,8 @@ class Int8StaticLinear(nn.Module):
         clone._modules, clone._parameters = {}, {}
         clone.packed = torch.ops.onednn.qlinear_prepack(clone.weight_int8,
                                                         [self.rows_hint, self.in_features])
-        clone.requantize_to = copy.deepcopy(self.requantize_to, memo)  # the copy's successor
         memo[id(self)] = clone
+        clone.requantize_to = copy.deepcopy(self.requantize_to, memo)  # the copy's successor
         return clone
 
     def extra_repr(self) -> str:
