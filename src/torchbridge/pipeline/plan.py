@@ -199,8 +199,8 @@ def make_plan(config: TextModelConfig, *, model_max_positions: int | None = None
     dtype, implied_format, dtype_auto, reason = _resolve_dtype(config, info, notes)
     quantization = config.quantization or implied_format
     if quantization == "int8-static" and kind != "encoder":
-        raise ValueError(f"quantization='int8-static' calibrates an encoder's activation ranges on "
-                         f"its gate batch; this model is a {kind} model. Fix: "
+        raise ValueError(f"quantization='int8-static' calibrates the activation ranges of an "
+                         f"encoder; this model is a {kind} model. Fix: "
                          "quantization='int8-weight-only' (decoding) or 'int8-dynamic'")
     if quantization:
         note = check_supported(quantization, info)

@@ -60,6 +60,9 @@ def quantize(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn.Mod
     detail = f"{entry.name}: {entry.describe}"
     if calibration is not None and plan.quantization == "int8-dynamic":
         detail += f"; activation outliers smoothed (SmoothQuant, alpha {INT8_SMOOTH_ALPHA})"
+    elif plan.quantization == "int8-static":
+        detail += (f"; activation outliers smoothed (SmoothQuant, alpha {INT8_SMOOTH_ALPHA}) "
+                   "except at the feed-forward blocks' second projection")
     if skip:
         detail += f"; {len(skip)} layer(s) kept in {plan.dtype} to pass the gate"
     report.step("quantization", True, detail)

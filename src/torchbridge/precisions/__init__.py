@@ -94,7 +94,8 @@ def _fp8_unsupported(info: DeviceInfo) -> str | None:
             "same memory saving here")
 
 
-# SmoothQuant's alpha for dynamic int8 where calibration inputs exist (encoders): on real
+# SmoothQuant's alpha for int8 with activations where calibration inputs exist (encoders; for
+# int8-static see int8_static.static_modules). Dynamic int8: on real
 # all-MiniLM-L6-v2 over 10,000 review sentences it lifted the worst sentence embedding's cosine to
 # fp32 from 0.9920 to 0.9963 (fp32 compute) and 0.9917 to 0.9953 (bf16), mean 0.9987 -> 0.9994
 # (benchmarks/int8_accuracy_minilm.py --sentences 10000 --alphas 0.5).
@@ -134,8 +135,9 @@ def _int8_static(model: nn.Module, skip: tuple[str, ...], calibration: dict | No
 
     if calibration is None:
         raise ValueError("int8-static needs calibration inputs to measure its activation ranges "
-                         "(the optimizer calibrates encoders on their gate batch); for a causal LM "
-                         "use quantization='int8-weight-only' or 'int8-dynamic'")
+                         "(the optimizer gives encoders calibration sentences, or example_inputs "
+                         "when they are a dict of model inputs); for a causal LM use "
+                         "quantization='int8-weight-only' or 'int8-dynamic'")
     quantize_static_int8(model, calibration, smooth_alpha=INT8_SMOOTH_ALPHA, skip=skip)
     return model
 
@@ -167,8 +169,8 @@ PRECISIONS: dict[str, Precision] = {p.name: p for p in (
     # other sentences fall to 0.978, passing 0.985 to 0.980; 0.99 (the accuracy control keeps
     # ~5 of 37 projections in float) holds >= 0.98 there (docs/precisions.md).
     Precision("int8-static", None, 1, Gate(0.99, 0.90, 0.10),
-              "int8 weights (per channel) and activations (per tensor, ranges calibrated on the "
-              "gate batch), oneDNN int8 GEMMs", _int8_static_unsupported, quantize=_int8_static),
+              "int8 weights (per channel) and activations (per tensor, ranges calibrated on "
+              "calibration sentences), oneDNN int8 GEMMs", _int8_static_unsupported, quantize=_int8_static),
     Precision("int8-weight-only", None, 1, Gate(0.99, 0.93, 0.05),
               "int8 weights (per channel), float compute, LM head included", _always,
               quantize=_int8_weight_only),

@@ -2,14 +2,14 @@
 
 Dynamic int8 (int8_dynamic.py) measures every activation's range at run time; on a CPU with AMX
 that pass plus the int32 round trip of its rescale cost more than the int8 GEMM saves. Static int8
-measures each projection's input range once, on calibration inputs (the optimizer's gate batch:
-real text through the model's tokenizer where it has one), so at run time the quantize is one
+measures each projection's input range once, on calibration inputs (the optimizer's calibration
+sentences through the model's tokenizer, not the gate's), so at run time the quantize is one
 elementwise pass and the GEMM is oneDNN's own int8 linear (``onednn.qlinear_pointwise``, the
 kernel PyTorch's x86 PT2E quantization lowers to): uint8 activations with one scale and zero
 point, int8 weights with one scale per output channel, prepacked once; the rescale, the bias and
 the output in the model's dtype (bf16 or fp32) are done inside the GEMM, and so are the FFN's GELU
 and the residual add of the output projections (pipeline/fusion.py asks for them as it does for
-packed bf16 linears).
+packed bf16 linears), and a feed-forward block's first GEMM can write the second's uint8 input.
 
 Accuracy: one scale per tensor, fixed ahead of time, is coarser than per-token dynamic scales,
 and an input outside the calibrated range is clipped. The optimizer's gate checks the result
