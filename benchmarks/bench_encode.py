@@ -112,6 +112,8 @@ def bench_rows(args: argparse.Namespace, folder: Path, sentences: list[str]) -> 
         "torchbridge": lambda: torchbridge_row(folder, args.batch_size),
         "torchbridge_int8": lambda: torchbridge_row(folder, args.batch_size,
                                                      quantization="int8-dynamic"),
+        "torchbridge_int8_static": lambda: torchbridge_row(folder, args.batch_size,
+                                                            quantization="int8-static"),
     }
     rows: dict[str, dict[str, Any]] = {}
     runners = {}
@@ -283,7 +285,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--rounds", type=int, default=3, help="timed passes per row, round-robin")
     p.add_argument("--warmup-sentences", type=int, default=512, help="first call, not timed")
-    p.add_argument("--rows", default=f"{REFERENCE},{BASELINE},st_onnx,torchbridge,torchbridge_int8")
+    p.add_argument("--rows", default=f"{REFERENCE},{BASELINE},st_onnx,torchbridge,torchbridge_int8,"
+                                     "torchbridge_int8_static")
     p.add_argument("--ray", action="store_true", help="also local vs Ray engine over Parquet")
     p.add_argument("--ray-repeat", type=int, default=1,
                    help="Ray vs local: the sentences repeated N times (rows with new ids)")
