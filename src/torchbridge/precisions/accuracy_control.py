@@ -102,9 +102,9 @@ def accuracy_controlled_int8(model: nn.Module, gate: Gate, *, sensitivity_inputs
                              smooth_alpha: float | None = None, static: bool = False,
                              calibration_inputs: dict | None = None,
                              min_layers_float: int = 0) -> tuple[nn.Module, dict]:
-    """Quantize ``model``'s projections (in place) to dynamic int8 (``static``: static int8 with
-    ranges calibrated on ``sensitivity_inputs``), keeping in float the fewest most-sensitive ones
-    that make ``gate(model)`` pass. See the module docstring.
+    """Quantize ``model``'s projections (in place) to dynamic int8 (``static``: static int8,
+    int8_static.static_modules), keeping in float the fewest most-sensitive ones that make
+    ``gate(model)`` pass. See the module docstring.
 
     ``gate(model) -> (passed, values)`` runs the caller's accuracy check. ``sensitivity_inputs``
     are model inputs (input_ids, attention_mask, ...) for the per-layer ranking and, with
