@@ -99,3 +99,27 @@ def test_quantized_weights_are_a_quarter_of_fp32_bytes():
     fp32 = lin.weight.numel() * 4
     int8 = q.weight_int8.numel() + q.scales.numel() * 4
     assert int8 < 0.26 * fp32
+
+
+@pytest.mark.parametrize("k", [768, 37])  # 37: not a multiple of the bf16 kernel's block of 16
+def test_many_rows_take_the_two_term_int8_gemm_and_are_more_exact(k):
+    """From TWO_TERM_MIN_ROWS rows on, the activations enter the int8 GEMM as two int8 terms per
+    row: the weights stay exactly int8 and the product is within ~1e-4 of the exact fp32 one,
+    where rounding the activations to bf16 (fewer rows) costs ~3e-3."""
+    from torchbridge.precisions.int8_weight_only import TWO_TERM_MIN_ROWS, int8_weight_matmul
+
+    torch.manual_seed(0)
+    w, s = quantize_per_channel(torch.randn(96, k) * 0.02)
+    exact_w = (w.double() * s.double()[:, None]).t()
+
+    def rel_err(rows: int) -> float:
+        x = torch.randn(rows, k) * 3
+        x[:, 5] *= 20  # an outlier channel sets the row's scale
+        ref = x.double() @ exact_w
+        got = int8_weight_matmul(x, w, s)
+        assert got.dtype == x.dtype and got.shape == (rows, 96)
+        return float((got.double() - ref).norm() / ref.norm())
+
+    assert rel_err(TWO_TERM_MIN_ROWS) < 2e-4 and rel_err(4 * TWO_TERM_MIN_ROWS) < 2e-4
+    if k % 16 == 0:  # the bf16-activation kernel serves fewer rows
+        assert rel_err(TWO_TERM_MIN_ROWS - 1) > 1e-3

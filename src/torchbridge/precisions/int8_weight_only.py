@@ -38,11 +38,47 @@ def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return q.contiguous(), scales.contiguous()
 
 
+# From this many rows on (prefill, batches), an eager CPU call runs as one int8 GEMM over two int8
+# terms per row instead of the int8-weight kernel below, whose cost grows with the rows.
+TWO_TERM_MIN_ROWS = 8
+
+
+def _two_terms(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each fp32 row as s * (q1 + q2 / 254), q1 and q2 int8 with s = max|row| / 127: q2 codes the
+    rounding error of q1, so a row is held to ~1/64,000 of its largest value (bf16 keeps ~1/512
+    of each value). Returns ([q1; q2] stacked as [2 * rows, in] int8, s [rows, 1])."""
+    s = x2.abs().amax(1, keepdim=True).clamp_min(1e-30) / 127.0
+    q1 = torch.round(x2 / s)
+    q2 = torch.round((x2 - q1 * s) * (254.0 / s)).clamp(-127, 127)
+    return torch.cat([q1, q2]).to(torch.int8), s
+
+
+def _two_term_matmul(x2: torch.Tensor, weight_int8: torch.Tensor,
+                     scales: torch.Tensor) -> torch.Tensor:
+    q, s = _two_terms(x2)
+    acc = torch._int_mm(q, weight_int8.t())
+    rows = s.shape[0]
+    return (acc[:rows].float() + acc[rows:].float() / 254.0) * s * scales
+
+
+# One compiled call: the split and the rescale fuse around the int8 GEMM (eager, their ~10 ops
+# cost as much as the GEMM of a few rows).
+_two_term_matmul_compiled = torch.compile(_two_term_matmul, dynamic=True)
+
+
 def int8_weight_matmul(
     x: torch.Tensor, weight_int8: torch.Tensor, scales: torch.Tensor
 ) -> torch.Tensor:
     """x [..., in] @ (weight_int8 [out, in] * scales[:, None])^T, result in x's dtype."""
     k = weight_int8.shape[1]
+    rows = x.numel() // k
+    if x.device.type == "cpu" and rows >= TWO_TERM_MIN_ROWS and not torch.compiler.is_compiling():
+        # The weights stay exactly int8; the activations go in as two int8 terms per row, so the
+        # product is one int8 GEMM (VNNI/AMX) over 2 x rows, int32 accumulation. Measured against
+        # the int8-weight kernel below (one BERT/GPT-2-sized projection, ad hoc): 20x less error
+        # against fp32 (it rounds activations to bf16), 1.1x faster at 8 rows, 2.4-2.8x at 128.
+        y = _two_term_matmul_compiled(x.reshape(rows, k).float(), weight_int8, scales)
+        return y.reshape(*x.shape[:-1], weight_int8.shape[0]).to(x.dtype)
     if x.device.type == "cpu" and k % 16 == 0:
         # CPU kernel for int8 weights: streams int8 at ~35 GB/s, but only with bf16 activations
         # (with fp32 ones it takes a ~15x slower path), so activations are rounded to bf16 here.
