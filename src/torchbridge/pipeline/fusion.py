@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from torchbridge.precisions.int8_static import FFN_PAIRS, Int8StaticLinear
+from torchbridge.precisions.int8_static import Int8StaticLinear, feed_forward_pairs
 
 from .packing import PackedLinear, swap_modules
 
@@ -194,15 +194,10 @@ def fuse_requantize(model: nn.Module) -> int:
     the accumulator): the widest activation is written once, as uint8, and never quantized
     again. In place; returns how many blocks were linked."""
     linked = 0
-    for module in model.modules():
-        for first_name, second_name in FFN_PAIRS:
-            try:
-                first, second = module.get_submodule(first_name), module.get_submodule(second_name)
-            except AttributeError:
-                continue
-            if isinstance(first, Int8StaticLinear) and isinstance(second, Int8StaticLinear) \
-                    and first.post_op == "gelu" and first.requantize_to is None \
-                    and second.smooth is None:  # a smoothed grid is per channel: not oneDNN's
-                first.requantize_to = second
-                linked += 1
+    for _, first, second in feed_forward_pairs(model):
+        if isinstance(first, Int8StaticLinear) and isinstance(second, Int8StaticLinear) \
+                and first.post_op == "gelu" and first.requantize_to is None \
+                and second.smooth is None:  # a smoothed grid is per channel: not oneDNN's
+            first.requantize_to = second
+            linked += 1
     return linked

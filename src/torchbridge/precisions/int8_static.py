@@ -20,7 +20,8 @@ output most in float until the gate passes (docs/int8.md has the measured values
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+import functools
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -46,12 +47,15 @@ def _to_grid(x: Tensor, inv_scale: Tensor, zero: Tensor) -> Tensor:
     return torch.clamp(torch.round(x.float() * inv_scale) + zero, 0, 255).to(torch.uint8)
 
 
-# One fused pass from the activations' dtype to uint8 (eager it is four, ~6x slower at BERT-base
-# sizes; torch.quantize_per_tensor + int_repr is two, ~2x slower, and deprecated). The grid comes
-# in as tensors and shapes are dynamic, so a few compiled variants (input dtype, whether it is a
-# view) serve every projection and batch; past dynamo's recompile limit it runs eagerly, the same
-# arithmetic.
-_quantize = torch.compile(_to_grid, dynamic=True)
+@functools.cache
+def _quantize() -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """One fused pass from the activations' dtype to uint8 (eager it is four, ~6x slower at
+    BERT-base sizes; torch.quantize_per_tensor + int_repr is two, ~2x slower, and deprecated).
+    The grid comes in as tensors and shapes are dynamic, so a few compiled variants (input
+    dtype, whether it is a view) serve every projection and batch; past dynamo's recompile limit
+    it runs eagerly, the same arithmetic. Built on first use: `torch.compile` imports dynamo
+    (~2 s), which importing this module should not pay."""
+    return torch.compile(_to_grid, dynamic=True)
 
 
 def input_ranges(model: nn.Module, inputs: dict[str, Tensor],
@@ -122,7 +126,7 @@ class Int8StaticLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if x.dtype == torch.uint8:
             return x2
-        return _quantize(x2.contiguous(), self.inv_grid, self.zero)
+        return _quantize()(x2.contiguous(), self.inv_grid, self.zero)
 
     def forward(self, x: Tensor) -> Tensor:
         out_dtype = self.out_dtype if x.dtype == torch.uint8 else x.dtype
@@ -167,18 +171,16 @@ class Int8StaticLinear(nn.Module):
 FFN_PAIRS = (("intermediate.dense", "output.dense"), ("lin1", "lin2"))
 
 
-def feed_forward_outputs(model: nn.Module) -> set[str]:
-    """Names of the second projection of every `FFN_PAIRS` block."""
-    found = set()
+def feed_forward_pairs(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module]]:
+    """(name of the second projection, first projection, second projection) of every
+    `FFN_PAIRS` block in ``model``."""
     for name, module in model.named_modules():
         for first, second in FFN_PAIRS:
             try:
-                module.get_submodule(first)
-                module.get_submodule(second)
+                pair = module.get_submodule(first), module.get_submodule(second)
             except AttributeError:
                 continue
-            found.add(f"{name}.{second}" if name else second)
-    return found
+            yield (f"{name}.{second}" if name else second), *pair
 
 
 def static_modules(model: nn.Module, calibration: dict[str, Tensor], names: list[str],
@@ -190,7 +192,7 @@ def static_modules(model: nn.Module, calibration: dict[str, Tensor], names: list
     (pipeline/fusion.py). On real all-MiniLM-L6-v2 this took the mean per-token cosine to fp32
     on 96 review sentences from 0.9894 to 0.9941 (ad hoc; docs/int8.md)."""
     ranges = input_ranges(model, calibration, names)
-    unsmoothed = feed_forward_outputs(model)
+    unsmoothed = {name for name, _, _ in feed_forward_pairs(model)}
     made = {}
     for name in names:
         if name not in ranges:

@@ -14,7 +14,8 @@ The fast generation path (`torchbridge.generation`) reads `weight_int8` and `sca
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -61,9 +62,12 @@ def _two_term_matmul(x2: torch.Tensor, weight_int8: torch.Tensor,
     return (acc[:rows].float() + acc[rows:].float() / 254.0) * s * scales
 
 
-# One compiled call: the split and the rescale fuse around the int8 GEMM (eager, their ~10 ops
-# cost as much as the GEMM of a few rows).
-_two_term_matmul_compiled = torch.compile(_two_term_matmul, dynamic=True)
+@functools.cache
+def _two_term_matmul_compiled() -> Callable[..., torch.Tensor]:
+    """One compiled call: the split and the rescale fuse around the int8 GEMM (eager, their ~10
+    ops cost as much as the GEMM of a few rows). Built on first use: `torch.compile` imports
+    dynamo (~2 s), which importing this module should not pay."""
+    return torch.compile(_two_term_matmul, dynamic=True)
 
 
 def int8_weight_matmul(
@@ -78,7 +82,7 @@ def int8_weight_matmul(
         # int8-weight kernel below, which rounds activations to bf16 (one BERT/GPT-2-sized
         # projection, ad hoc): 100x less error to the exact fp32 product, 1.05-1.15x faster at
         # 8 rows, 3.5x at 128.
-        y = _two_term_matmul_compiled(x.reshape(rows, k).float(), weight_int8, scales)
+        y = _two_term_matmul_compiled()(x.reshape(rows, k).float(), weight_int8, scales)
         return y.reshape(*x.shape[:-1], weight_int8.shape[0]).to(x.dtype)
     if x.device.type == "cpu" and k % 16 == 0:
         # CPU kernel for int8 weights: streams int8 at ~35 GB/s, but only with bf16 activations
