@@ -156,12 +156,16 @@ def test_compiled_greedy_equals_eager_and_compiles_once_per_bucket(family, compi
     assert long.shape == (1, 208)
     assert torch.equal(long, eager.generate(prompt, max_new_tokens=200, min_new_tokens=200))
     assert fast.stats["gemv_decode"] and fast.stats["cache_length"] == 256
-    # Prompts of many lengths that fit the same cache bucket share one compiled step.
+    # Prompts of many lengths that fit the same cache bucket share one compiled step, and
+    # prompts of any length > 1 one compiled prompt layer, once it has seen a second cache length.
+    prompt_graphs = {}
     for n in (1, 2, 5, 13, 31, 40):
         p = torch.randint(2, 97, (1, n), generator=torch.Generator().manual_seed(n))
         got = fast.generate(p, max_new_tokens=12)
         assert torch.equal(got, eager.generate(p, max_new_tokens=12))
         assert torch.equal(got, model.generate(p, max_new_tokens=12, do_sample=False))
+        prompt_graphs[n] = fast.stats["prompt_compiles"]
+    assert prompt_graphs[2] == prompt_graphs[5] == prompt_graphs[13] == prompt_graphs[40] <= 3
     # One compilation per cache bucket: the step is traced once for (batch 1, cache 256) and
     # once for the shorter requests' cache of 64 (attention reads the whole cache every step).
     assert fast.stats["compiles"] - before == 2 and fast.stats["cache_length"] == 64
@@ -179,6 +183,25 @@ def test_compiled_int8_dynamic_decoding_equals_eager():
     got = fast.generate(prompt, max_new_tokens=24, min_new_tokens=24)
     assert fast.stats["gemv_decode"] and fast.stats["compiles"] == 1
     assert torch.equal(got, eager.generate(prompt, max_new_tokens=24, min_new_tokens=24))
+
+
+@torch.inference_mode()
+def test_compiled_prompt_layer_keeps_layers_of_different_formats_apart():
+    """A layer left in float (as the accuracy control leaves some) among int8 ones: the compiled
+    prompt layer, one graph shared by the layers, keeps its guards on the layer's weights, so
+    the float layer gets a graph of its own and the prompt's logits and cache match the eager
+    prefill's (a graph reused across formats would read the float weight as int8)."""
+    model = quantize_weights_int8(tiny_gpt2(), skip=["transformer.h.1.mlp.c_fc"])
+    fast, eager = FastGenerator(model), FastGenerator(model, compile=False)
+    prompt = torch.randint(2, 97, (1, 12), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(prompt)
+    fast_cache, eager_cache = fast._cache(1, 16), eager._cache(1, 16)
+    got, _ = fast._prefill(fast_cache, prompt, mask)
+    want, _ = eager._prefill(eager_cache, prompt, mask)
+    assert fast.stats["prompt_compiles"] == 2 and eager.stats["prompt_compiles"] == 0
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+    for mine, theirs in zip(fast_cache.v, eager_cache.v, strict=True):
+        torch.testing.assert_close(mine[:, :, :12], theirs[:, :, :12], rtol=1e-3, atol=1e-3)
 
 
 @torch.inference_mode()

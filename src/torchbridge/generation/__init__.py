@@ -1,4 +1,4 @@
-"""Fast text generation: static KV cache, eager prefill, compiled single-token decode step."""
+"""Fast text generation: static KV cache, compiled prompt layers (CPU) and single-token decode step."""
 
 from torchbridge.generation.generator import FastGenerator, cache_length_bucket
 from torchbridge.generation.verify import verify_greedy

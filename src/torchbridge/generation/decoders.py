@@ -22,6 +22,7 @@ size in memory once; for the 100-400M parameter models this library targets that
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -75,13 +76,40 @@ class CausalDecoder(nn.Module):
     n_kv_heads: int
     head_dim: int
     max_positions: int | None
+    attn_scales: list[float]  # per layer
+    blocks: nn.ModuleList  # per layer: its weights
 
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def block(self, m: nn.Module, scale: float, h: torch.Tensor, positions: torch.Tensor,
+              write_kv, read_kv, allowed: torch.Tensor, gemv: bool) -> torch.Tensor:
+        """One decoder layer: ``m`` holds its weights, ``scale`` its attention scale;
+        ``write_kv(k, v)`` stores its new keys/values, ``read_kv()`` returns its whole cache."""
+        raise NotImplementedError
+
     def layer(self, i: int, h: torch.Tensor, positions: torch.Tensor, write_kv, read_kv,
               allowed: torch.Tensor, gemv: bool) -> torch.Tensor:
-        raise NotImplementedError
+        """Layer ``i``; ``write_kv(i, k, v)`` and ``read_kv(i)`` address its cache."""
+        return self.block(self.blocks[i], self.attn_scales[i], h, positions,
+                          lambda k, v: write_kv(i, k, v), lambda: read_kv(i), allowed, gemv)
+
+    def prompt_layer(self, m: nn.Module, scale: float, h: torch.Tensor, positions: torch.Tensor,
+                     k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     allowed: torch.Tensor) -> torch.Tensor:
+        """One layer over a prompt h [B, T, C], its keys/values written to the first T slots of
+        its cache. Everything that differs between layers comes in as an argument (the weights
+        as tensors of ``m``), so one compiled version of this serves every layer (FastGenerator
+        compiles it on a CPU: the ~20 eager ops and ~4 projection calls of a layer cost more
+        than its arithmetic at short prompts)."""
+        t = h.shape[1]
+
+        def write_kv(k: torch.Tensor, v: torch.Tensor) -> None:
+            k_cache[:, :, :t] = k
+            v_cache[:, :, :t] = v
+
+        return self.block(m, scale, h, positions, write_kv, lambda: (k_cache, v_cache), allowed,
+                          gemv=False)
 
     def head(self, h: torch.Tensor, gemv: bool) -> torch.Tensor:
         raise NotImplementedError
@@ -99,10 +127,12 @@ class CausalDecoder(nn.Module):
 
     @torch.no_grad()
     def prefill(
-        self, cache: StaticKVCache, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self, cache: StaticKVCache, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+        prompt_layer: Callable[..., torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the prompt [B, T] (left padded), fill cache[:, :, :T], return (last logits [B, V]
-        fp32, next position ids [B]). Runs eagerly: prompts of any length cause no compilation."""
+        fp32, next position ids [B]). Each layer runs through ``prompt_layer`` (a compiled
+        `prompt_layer`), by default eagerly."""
         b, t = input_ids.shape
         mask = attention_mask.to(torch.bool)
         cache.valid.fill_(True)
@@ -115,16 +145,11 @@ class CausalDecoder(nn.Module):
         own = idx[None, :] == torch.arange(t, device=input_ids.device)[:, None]
         allowed = causal[None] & (cache.valid[:, None, :] | own[None])  # [B, T, L]
 
-        def write_kv(i: int, k: torch.Tensor, v: torch.Tensor) -> None:
-            cache.k[i][:, :, :t] = k
-            cache.v[i][:, :, :t] = v
-
-        def read_kv(i: int) -> tuple[torch.Tensor, torch.Tensor]:
-            return cache.k[i], cache.v[i]
-
+        run = prompt_layer or self.prompt_layer
         h = self.embed(input_ids, positions)
         for i in range(self.n_layers):
-            h = self.layer(i, h, positions, write_kv, read_kv, allowed, gemv=False)
+            h = run(self.blocks[i], self.attn_scales[i], h, positions, cache.k[i], cache.v[i],
+                    allowed)
         logits = self.head(h[:, -1:], gemv=False)[:, 0]
         return logits, positions[:, -1] + 1
 
@@ -248,14 +273,13 @@ class GPT2Decoder(CausalDecoder):
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.wte[tokens].float() + self.wpe[positions].float()
 
-    def layer(self, i, h, positions, write_kv, read_kv, allowed, gemv):
-        m = self.blocks[i]
+    def block(self, m, scale, h, positions, write_kv, read_kv, allowed, gemv):
         b, t, c = h.shape
         qkv = m.c_attn(self._ln(h, m.ln_1_w, m.ln_1_b), gemv)
         q, k, v = qkv.view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        write_kv(i, k, v)
-        kc, vc = read_kv(i)
-        a = _attend(q, kc, vc, allowed, self.attn_scales[i]).transpose(1, 2).reshape(b, t, c)
+        write_kv(k, v)
+        kc, vc = read_kv()
+        a = _attend(q, kc, vc, allowed, scale).transpose(1, 2).reshape(b, t, c)
         h = h + m.attn_proj(a, gemv)
         x = self.act(m.c_fc(self._ln(h, m.ln_2_w, m.ln_2_b), gemv))
         return h + m.mlp_proj(x, gemv)
@@ -290,7 +314,7 @@ class LlamaDecoder(CausalDecoder):
         self.max_positions = None  # RoPE has no table to run off the end of
         self.eps = cfg.rms_norm_eps
         self.act = ACT2FN[cfg.hidden_act]
-        self.scale = self.head_dim**-0.5
+        self.attn_scales = [self.head_dim**-0.5] * self.n_layers
         self.register_buffer("inv_freq", rope.inv_freq.detach().float())
         self.rope_scaling = float(rope.attention_scaling)
         self.register_buffer("embed_tokens", inner.embed_tokens.weight.detach())
@@ -329,8 +353,7 @@ class LlamaDecoder(CausalDecoder):
         rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rot * sin
 
-    def layer(self, i, h, positions, write_kv, read_kv, allowed, gemv):
-        m = self.blocks[i]
+    def block(self, m, scale, h, positions, write_kv, read_kv, allowed, gemv):
         b, t, _ = h.shape
         hq, hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = m.qkv(self._rms(h, m.in_norm), gemv)
@@ -338,9 +361,9 @@ class LlamaDecoder(CausalDecoder):
         q = self._rope(q.view(b, t, hq, d).transpose(1, 2), positions)
         k = self._rope(k.view(b, t, hkv, d).transpose(1, 2), positions)
         v = v.view(b, t, hkv, d).transpose(1, 2)
-        write_kv(i, k, v)
-        kc, vc = read_kv(i)
-        a = _attend(q, kc, vc, allowed, self.scale).transpose(1, 2).reshape(b, t, hq * d)
+        write_kv(k, v)
+        kc, vc = read_kv()
+        a = _attend(q, kc, vc, allowed, scale).transpose(1, 2).reshape(b, t, hq * d)
         h = h + m.o(a, gemv)
         gate, up = m.gate_up(self._rms(h, m.post_norm), gemv).split([self.inter, self.inter], -1)
         return h + m.down(self.act(gate) * up, gemv)

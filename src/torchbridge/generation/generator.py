@@ -32,6 +32,36 @@ _RECOMPILE_LIMIT = 64
 _SYNC_EVERY_ACCEL = 16
 
 
+def _own_method(fn: Any, obj: nn.Module) -> types.MethodType:
+    """``fn`` bound to ``obj`` through a private copy of its code. Dynamo keeps compiled graphs
+    (and its recompile limit of 8) per code object, so each generator gets its own cache:
+    several generators (fp32 / bf16 / int8, other models) never evict or exhaust each other's."""
+    own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
+                             fn.__closure__)
+    return types.MethodType(own, obj)
+
+
+def _compiled_prompt_layer(decoder: CausalDecoder, backend: Any) -> Any:
+    """`CausalDecoder.prompt_layer` compiled once for every layer and prompt length: the layer's
+    weights are arguments and the prompt length is symbolic. Guards on the layer modules stay:
+    the accuracy control can leave layers in different formats, each with its own graph. On a
+    CPU only: there the eager prompt pays ~20 op dispatches and ~4 projection calls per layer,
+    which at short prompts cost more than the arithmetic (GPT-2 int8-weight-only, 8 tokens:
+    1.5x faster compiled, `benchmarks/bench_generate.py`); on accelerators it is a few large
+    kernels, not measured."""
+    compiled = torch.compile(_own_method(CausalDecoder.prompt_layer, decoder), backend=backend,
+                             fullgraph=True)
+
+    def run(m: nn.Module, scale: float, h: torch.Tensor, positions: torch.Tensor,
+            k_cache: torch.Tensor, v_cache: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        if h.shape[1] > 1:  # the prompt length: one graph for all (length 1 is its own)
+            for t, dim in ((h, 1), (positions, 1), (allowed, 1)):
+                torch._dynamo.maybe_mark_dynamic(t, dim)
+        return compiled(m, scale, h, positions, k_cache, v_cache, allowed)
+
+    return run
+
+
 def cache_length_bucket(needed: int) -> int:
     """Cache lengths are powers of two (>= 64): one compilation per length bucket, and attention
     over the padded cache costs at most 2x the request's own length."""
@@ -62,7 +92,9 @@ class FastGenerator:
 
     The model is used as it is (device, dtype, int8 weights from
     `torchbridge.precisions.int8_weight_only.quantize_weights_int8`); it is not modified. `compile=False` runs
-    the same functional decoder eagerly (used as the reference for the compiled path).
+    the same functional decoder eagerly (used as the reference for the compiled path). With
+    `compile=True` on a CPU the prompt's layers are compiled too (`compile_prompt=False` keeps
+    the prompt eager).
     """
 
     def __init__(
@@ -71,6 +103,7 @@ class FastGenerator:
         *,
         compile: bool = True,
         compile_mode: str | None = "reduce-overhead",
+        compile_prompt: bool = True,
     ) -> None:
         if not self.supports(model):
             raise ValueError(
@@ -86,8 +119,10 @@ class FastGenerator:
         self._reserved: StaticKVCache | None = None
         self._seen_keys: set[tuple[int, int, bool]] = set()
         self._step = lambda first, *args: self.decoder.decode_next(*args)
+        self._prompt_layer: Any = None  # None: the decoder's own, eager
         self.stats: dict[str, Any] = {
-            "compiles": 0,
+            "compiles": 0,  # of the decode step
+            "prompt_compiles": 0,  # of the prompt's layers (CPU)
             "compile_s": 0.0,
             "compiled": compile,
             "compile_mode": compile_mode,
@@ -98,29 +133,29 @@ class FastGenerator:
 
             options = _inductor_options(compile_mode, self.device)
 
-            def backend(gm: torch.fx.GraphModule, example_inputs: list) -> Any:
-                # Counting here counts real graph compilations (recompiles included).
-                from torch._inductor.compile_fx import compile_fx
+            def counting(stat: str) -> Any:
+                def backend(gm: torch.fx.GraphModule, example_inputs: list) -> Any:
+                    # Counting here counts real graph compilations (recompiles included).
+                    from torch._inductor.compile_fx import compile_fx
 
-                self.stats["compiles"] += 1
-                return compile_fx(gm, example_inputs, config_patches=options)
+                    self.stats[stat] += 1
+                    return compile_fx(gm, example_inputs, config_patches=options)
 
-            # Dynamo keeps compiled graphs (and its recompile limit of 8) per code object. A
-            # private copy of decode_next's code gives each generator its own cache, so several
-            # generators (fp32 / bf16 / int8, other models) never evict or exhaust each other's.
-            fn = CausalDecoder.decode_next
-            own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__,
-                                     fn.__defaults__, fn.__closure__)
+                return backend
+
             # No guards on the decoder's own modules and buffers: it is private to this
             # generator and never changes after construction, and checking ~150 tensors'
             # properties before every step cost 0.4 ms of GPT-2's ~16.5 ms/token on the
             # development CPU (16.36 vs 16.74 ms, interleaved, ad hoc). The arguments (cache,
             # positions, tokens) keep their guards, which is what picks a graph per cache.
             compiled = torch.compile(
-                types.MethodType(own, self.decoder), backend=backend, fullgraph=True,
-                dynamic=False,
+                _own_method(CausalDecoder.decode_next, self.decoder), backend=counting("compiles"),
+                fullgraph=True, dynamic=False,
                 options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe},
             )
+            if compile_prompt and self.device.type == "cpu":
+                self._prompt_layer = _compiled_prompt_layer(self.decoder,
+                                                            counting("prompt_compiles"))
 
             def step(first: bool, *args: Any) -> Any:
                 if not first:
@@ -219,7 +254,7 @@ class FastGenerator:
         greedy_in_step = not s.do_sample and all(isinstance(p, MIN_LENGTH_RULES) for p in procs)
         ban_below = eos_banned_below(procs)
         t0 = time.perf_counter()
-        logits, positions = self.decoder.prefill(cache, input_ids, attention_mask)
+        logits, positions = self._prefill(cache, input_ids, attention_mask)
         no_ban, ban_eos = self._bans(logits.shape[-1], s.eos_token_ids)
         greedy = None
         cur, decode_s, ttft, steps = t, 0.0, 0.0, 0
@@ -294,7 +329,7 @@ class FastGenerator:
         n = forced.shape[1]
         cache = self._cache(b, t + n - 1)
         gemv = self.compile and b == 1
-        logits, positions = self.decoder.prefill(cache, input_ids, attention_mask)
+        logits, positions = self._prefill(cache, input_ids, attention_mask)
         no_ban, _ = self._bans(logits.shape[-1], None)
         preds = [logits.argmax(-1)]
         cache_pos = torch.tensor([t], dtype=torch.long, device=self.device)
@@ -310,6 +345,15 @@ class FastGenerator:
         return torch.stack(preds, 1)
 
     # -- helpers ---------------------------------------------------------------------------------
+
+    def _prefill(self, cache: StaticKVCache, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._prompt_layer is None:
+            return self.decoder.prefill(cache, input_ids, attention_mask)
+        # a graph per batch-size class, cache length and layer format: more than dynamo's
+        # default 8 is legitimate (the patch costs ~0.1 ms, once per prompt)
+        with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+            return self.decoder.prefill(cache, input_ids, attention_mask, self._prompt_layer)
 
     @staticmethod
     def _default_mask(

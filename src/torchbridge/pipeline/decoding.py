@@ -108,7 +108,7 @@ def warm_up_generate(model: nn.Module, plan: Plan, report: OptimizationReport) -
     report.generation = {**(report.generation or {}), "stats": generator.stats}
     # what "torch_compile" means for a causal LM here: its decode step is compiled
     report.compiled = generator.compile
-    report.compiled_graphs += generator.stats["compiles"]
+    report.compiled_graphs += generator.stats["compiles"] + generator.stats["prompt_compiles"]
 
 
 def left_padded_prompts(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
