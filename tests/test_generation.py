@@ -199,6 +199,8 @@ def test_compiled_prompt_layer_keeps_layers_of_different_formats_apart():
     got, _ = fast._prefill(fast_cache, prompt, mask)
     want, _ = eager._prefill(eager_cache, prompt, mask)
     assert fast.stats["prompt_compiles"] == 2 and eager.stats["prompt_compiles"] == 0
+    with pytest.raises(ValueError, match="compile_prompt=True needs compile=True"):
+        FastGenerator(model, compile=False, compile_prompt=True)
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
     for mine, theirs in zip(fast_cache.v, eager_cache.v, strict=True):
         torch.testing.assert_close(mine[:, :, :12], theirs[:, :, :12], rtol=1e-3, atol=1e-3)

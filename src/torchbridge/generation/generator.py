@@ -47,8 +47,8 @@ def _compiled_prompt_layer(decoder: CausalDecoder, backend: Any) -> Any:
     the accuracy control can leave layers in different formats, each with its own graph. On a
     CPU only: there the eager prompt pays ~20 op dispatches and ~4 projection calls per layer,
     which at short prompts cost more than the arithmetic (GPT-2 int8-weight-only, 8 tokens:
-    1.5x faster compiled, `benchmarks/bench_generate.py`); on accelerators it is a few large
-    kernels, not measured."""
+    time to first token 22.5 vs 36.8 ms eager, `benchmarks/bench_generate.py`); on
+    accelerators it is a few large kernels, not measured."""
     compiled = torch.compile(_own_method(CausalDecoder.prompt_layer, decoder), backend=backend,
                              fullgraph=True)
 
@@ -93,8 +93,7 @@ class FastGenerator:
     The model is used as it is (device, dtype, int8 weights from
     `torchbridge.precisions.int8_weight_only.quantize_weights_int8`); it is not modified. `compile=False` runs
     the same functional decoder eagerly (used as the reference for the compiled path). With
-    `compile=True` on a CPU the prompt's layers are compiled too (`compile_prompt=False` keeps
-    the prompt eager).
+    `compile=True` on a CPU the prompt's layers are compiled too unless `compile_prompt=False`.
     """
 
     def __init__(
@@ -103,7 +102,7 @@ class FastGenerator:
         *,
         compile: bool = True,
         compile_mode: str | None = "reduce-overhead",
-        compile_prompt: bool = True,
+        compile_prompt: bool | None = None,
     ) -> None:
         if not self.supports(model):
             raise ValueError(
@@ -112,6 +111,11 @@ class FastGenerator:
             )
         self.model = model
         self.device = next(model.parameters()).device
+        if compile_prompt and (not compile or self.device.type != "cpu"):
+            raise ValueError(
+                f"compile_prompt=True needs compile=True on a CPU (got compile={compile} on "
+                f"{self.device.type}): the prompt's layers are compiled on CPUs only; leave "
+                f"compile_prompt unset for the default")
         self.decoder: CausalDecoder = DECODERS[model.config.model_type](model).eval()
         self.compile = compile
         self.compile_mode = compile_mode
@@ -153,7 +157,7 @@ class FastGenerator:
                 fullgraph=True, dynamic=False,
                 options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe},
             )
-            if compile_prompt and self.device.type == "cpu":
+            if compile_prompt is not False and self.device.type == "cpu":
                 self._prompt_layer = _compiled_prompt_layer(self.decoder,
                                                             counting("prompt_compiles"))
 
