@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import types
 from collections import OrderedDict
 from typing import Any
 
@@ -11,6 +10,7 @@ import torch
 from torch import nn
 
 from torchbridge.backends import synchronize
+from torchbridge.generation.compiling import compiled_prompt_layer, inductor_options, own_method
 from torchbridge.generation.decoders import DECODERS, CausalDecoder, StaticKVCache
 from torchbridge.generation.sampling import (
     MIN_LENGTH_RULES,
@@ -32,36 +32,6 @@ _RECOMPILE_LIMIT = 64
 _SYNC_EVERY_ACCEL = 16
 
 
-def _own_method(fn: Any, obj: nn.Module) -> types.MethodType:
-    """``fn`` bound to ``obj`` through a private copy of its code. Dynamo keeps compiled graphs
-    (and its recompile limit of 8) per code object, so each generator gets its own cache:
-    several generators (fp32 / bf16 / int8, other models) never evict or exhaust each other's."""
-    own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
-                             fn.__closure__)
-    return types.MethodType(own, obj)
-
-
-def _compiled_prompt_layer(decoder: CausalDecoder, backend: Any) -> Any:
-    """`CausalDecoder.prompt_layer` compiled once for every layer and prompt length: the layer's
-    weights are arguments and the prompt length is symbolic. Guards on the layer modules stay:
-    the accuracy control can leave layers in different formats, each with its own graph. On a
-    CPU only: there the eager prompt pays ~20 op dispatches and ~4 projection calls per layer,
-    which at short prompts cost more than the arithmetic (GPT-2 int8-weight-only, 8 tokens:
-    time to first token 22.5 vs 36.8 ms eager, `benchmarks/bench_generate.py`); on
-    accelerators it is a few large kernels, not measured."""
-    compiled = torch.compile(_own_method(CausalDecoder.prompt_layer, decoder), backend=backend,
-                             fullgraph=True)
-
-    def run(m: nn.Module, scale: float, h: torch.Tensor, positions: torch.Tensor,
-            k_cache: torch.Tensor, v_cache: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        if h.shape[1] > 1:  # the prompt length: one graph for all (length 1 is its own)
-            for t, dim in ((h, 1), (positions, 1), (allowed, 1)):
-                torch._dynamo.maybe_mark_dynamic(t, dim)
-        return compiled(m, scale, h, positions, k_cache, v_cache, allowed)
-
-    return run
-
-
 def cache_length_bucket(needed: int) -> int:
     """Cache lengths are powers of two (>= 64): one compilation per length bucket, and attention
     over the padded cache costs at most 2x the request's own length."""
@@ -69,22 +39,6 @@ def cache_length_bucket(needed: int) -> int:
     while length < needed:
         length *= 2
     return length
-
-
-def _inductor_options(mode: str | None, device: torch.device) -> dict[str, Any]:
-    import torch._inductor
-
-    opts: dict[str, Any] = dict(torch._inductor.list_mode_options(mode, False)) if mode else {}
-    if device.type != "cuda":
-        # CUDA graphs do not exist elsewhere; "reduce-overhead" keeps only its meaning of
-        # "cut per-call overhead", which the fixed-shape single-graph decode step already gives.
-        opts.pop("triton.cudagraphs", None)
-    # The step's inputs are the generator's own cache tensors (their shapes guarded by dynamo)
-    # and the decoder's buffers, which never change: inductor's check of every input's size,
-    # stride and alignment on every call (~230 inputs for GPT-2) cost ~0.2 ms of a ~6 ms int8
-    # step on the development CPU (5.99 vs 6.22 ms/token, interleaved, ad hoc).
-    opts.update(size_asserts=False, alignment_asserts=False)
-    return opts
 
 
 class FastGenerator:
@@ -135,7 +89,7 @@ class FastGenerator:
         if compile:
             import torch._inductor.inductor_prims  # noqa: F401  (used by projections._realize)
 
-            options = _inductor_options(compile_mode, self.device)
+            options = inductor_options(compile_mode, self.device)
 
             def counting(stat: str) -> Any:
                 def backend(gm: torch.fx.GraphModule, example_inputs: list) -> Any:
@@ -153,12 +107,12 @@ class FastGenerator:
             # development CPU (16.36 vs 16.74 ms, interleaved, ad hoc). The arguments (cache,
             # positions, tokens) keep their guards, which is what picks a graph per cache.
             compiled = torch.compile(
-                _own_method(CausalDecoder.decode_next, self.decoder), backend=counting("compiles"),
+                own_method(CausalDecoder.decode_next, self.decoder), backend=counting("compiles"),
                 fullgraph=True, dynamic=False,
                 options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe},
             )
             if compile_prompt is not False and self.device.type == "cpu":
-                self._prompt_layer = _compiled_prompt_layer(self.decoder,
+                self._prompt_layer = compiled_prompt_layer(self.decoder,
                                                             counting("prompt_compiles"))
 
             def step(first: bool, *args: Any) -> Any:
