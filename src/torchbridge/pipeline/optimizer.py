@@ -126,10 +126,16 @@ class TextModelOptimizer:
                                 "generic steps ran")
         report.timings["load_s"] = load_s
 
-        batch, text = self._gate_batch(source, family, plan, name, example_inputs)
-        if family.verify == "encoder" and isinstance(batch, dict):
+        # the model's tokenizer, loaded once for the gate's text and the calibration's
+        tokenizer = None if example_inputs is not None or family is MODULE \
+            else calibration_tokenizer(name, source)
+        batch, text = self._gate_batch(source, family, plan, tokenizer, example_inputs)
+        if family.verify == "encoder" and isinstance(batch, dict) \
+                and (plan.quantization in ACCURACY_CONTROLLED or plan.select_precision):
+            # only the int8 formats with activations calibrate (the selection may pick one);
             # deterministic, so a saved folder calibrates alike
-            report.calibration_inputs = self._calibration_batch(source, plan, name, example_inputs)
+            report.calibration_inputs = self._calibration_batch(source, plan, tokenizer,
+                                                                example_inputs)
         reference = self._reference(source, family, plan, report, batch)
         if reference is not None and plan.select_precision:
             from .selection import select_precision
@@ -219,7 +225,7 @@ class TextModelOptimizer:
             raise ValueError(f"TextModelConfig(model_type={wanted.value!r}) but the loaded model is "
                              f"{actual!r}. Fix: model_type={actual!r}, or 'custom' to skip this check")
 
-    def _gate_batch(self, source: nn.Module, family: Family, plan: Plan, name: str,
+    def _gate_batch(self, source: nn.Module, family: Family, plan: Plan, tokenizer: Any,
                     example_inputs: Any) -> tuple[Any, str]:
         """The inputs every gate and first call use: the caller's example inputs, real text
         through the model's tokenizer, or ids from its vocabulary (the report says which)."""
@@ -227,19 +233,17 @@ class TextModelOptimizer:
             return example_inputs, "the caller's example inputs"
         if family is MODULE:
             return None, ""
-        tokenizer = calibration_tokenizer(name, source)
         if tokenizer is not None:
             return text_batch(tokenizer, min(64, plan.max_sequence_length)), "real text"
         return padded_batch(source.config, 4, min(32, plan.max_sequence_length)), "vocabulary ids"
 
-    def _calibration_batch(self, source: nn.Module, plan: Plan, name: str,
+    def _calibration_batch(self, source: nn.Module, plan: Plan, tokenizer: Any,
                            example_inputs: Any) -> dict[str, torch.Tensor] | None:
         """What int8 formats measure activations on (ranges, smoothing): the caller's example
         inputs, else other text (or ids) than the gate batch, so the gate is measured on inputs
         the calibration never saw."""
         if example_inputs is not None:
             return example_inputs if isinstance(example_inputs, dict) else None
-        tokenizer = calibration_tokenizer(name, source)
         if tokenizer is not None:
             return text_batch(tokenizer, min(64, plan.max_sequence_length),
                               texts=CALIBRATION_ONLY_TEXT)

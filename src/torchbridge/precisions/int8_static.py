@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from torchbridge.precisions.int8_weight_only import quantize_per_channel
-from torchbridge.precisions.smoothing import smoothing_scales
+from torchbridge.precisions.smoothing import input_ranges, smoothing_scales
 from torchbridge.precisions.swap import linear_names, swap_linears, weight_out_in
 
 
@@ -56,26 +56,6 @@ def _quantize() -> Callable[[Tensor, Tensor, Tensor], Tensor]:
     it runs eagerly, the same arithmetic. Built on first use: `torch.compile` imports dynamo
     (~2 s), which importing this module should not pay."""
     return torch.compile(_to_grid, dynamic=True)
-
-
-def input_ranges(model: nn.Module, inputs: dict[str, Tensor],
-                 names: Iterable[str]) -> dict[str, tuple[Tensor, Tensor]]:
-    """Per-input-channel (min, max) of each named projection's input over one forward of
-    ``inputs`` (padded positions included: the GEMM quantizes their hidden states too)."""
-    ranges: dict[str, tuple[Tensor, Tensor]] = {}
-    hooks = []
-    for name in names:
-        def record(module: nn.Module, args: tuple, name: str = name) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            ranges[name] = (x.amin(dim=0), x.amax(dim=0))
-        hooks.append(model.get_submodule(name).register_forward_pre_hook(record))
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return ranges
 
 
 class Int8StaticLinear(nn.Module):

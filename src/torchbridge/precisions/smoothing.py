@@ -1,4 +1,5 @@
-"""SmoothQuant-style smoothing of activation outliers for dynamic int8.
+"""SmoothQuant-style smoothing of activation outliers for int8 with activations, and the calibration
+forward both int8 formats read (`input_ranges`).
 
 Transformer activations carry a few channels with ranges 10-100x the others. With per-token
 activation scales those channels set the scale of every token, and the ordinary channels lose
@@ -25,17 +26,22 @@ from torchbridge.precisions.swap import linear_names, weight_out_in
 
 
 @torch.no_grad()
-def activation_channel_max(model: nn.Module, names: list[str],
-                           inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per-input-channel max |x| seen by each named projection on one forward of ``inputs``
-    (padded positions included: their hidden states are real activations the GEMM quantizes)."""
-    stats: dict[str, torch.Tensor] = {}
+def input_ranges(model: nn.Module, inputs: dict[str, torch.Tensor],
+                 names: Iterable[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-input-channel (min, max) of each named projection's input over one forward of
+    ``inputs``, over every call of the projection (padded positions included: their hidden
+    states are real activations the GEMM quantizes). A projection the forward never reaches is
+    absent."""
+    ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     handles = []
 
     def hook(name: str):
         def record(_module: nn.Module, args: tuple) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).abs().amax(dim=0).float()
-            stats[name] = torch.maximum(stats[name], x) if name in stats else x
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            low, high = x.amin(dim=0), x.amax(dim=0)
+            if name in ranges:
+                low, high = torch.minimum(ranges[name][0], low), torch.maximum(ranges[name][1], high)
+            ranges[name] = (low, high)
         return record
 
     for name in names:
@@ -45,10 +51,18 @@ def activation_channel_max(model: nn.Module, names: list[str],
     finally:
         for handle in handles:
             handle.remove()
-    missing = [n for n in names if n not in stats]
+    return ranges
+
+
+def activation_channel_max(model: nn.Module, names: list[str],
+                           inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-input-channel max |x| seen by each named projection on one forward of ``inputs``
+    (`input_ranges`); raises when the forward never reaches one of them."""
+    ranges = input_ranges(model, inputs, names)
+    missing = [n for n in names if n not in ranges]
     if missing:
         raise RuntimeError(f"calibration forward never reached {missing[:3]}: cannot smooth them")
-    return stats
+    return {n: torch.maximum(low.abs(), high.abs()) for n, (low, high) in ranges.items()}
 
 
 def smoothing_scales(act_max: torch.Tensor, module: nn.Module, alpha: float) -> torch.Tensor:
