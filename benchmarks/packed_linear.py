@@ -1,18 +1,18 @@
-"""What packing the bf16 linear weights for oneDNN buys an uncompiled CPU encoder (pipeline/packing.py).
+"""What packing the linear weights for oneDNN buys an uncompiled CPU encoder (pipeline/packing.py).
 
-For each model and shape (rows = batch x seq): the same bf16 model with plain ``nn.Linear``
-weights; packed in the layout oneDNN picks for ``rows`` rows ("row-count layout", what inductor's
-freezing and our first packing did); and packed as the library packs (``pack_linear_weights``:
-per weight shape the faster at ``rows`` of the one-row and the row-count layout); and that plus
-the fusions the packing step adds (pipeline/fusion.py: q/k/v as one GEMM, the FFN's GELU and the
-residual adds as post-ops), which is what the optimizer builds. Timed
-interleaved in this one process (rounds of ``--runs`` calls each, order rotating, median of the
-per-round medians and p90), the first call apart, and the min cosine of each packed model's
-outputs to the plain one's. Models: real
-all-MiniLM-L6-v2 when its asset can be fetched (skipped with the reason otherwise) and BERT-base
-with random weights (speed does not depend on them). Writes JSON:
+For each model and shape (rows = batch x seq): the same bf16 (or, with ``--dtype fp32``, fp32)
+model with plain ``nn.Linear`` weights; packed in the layout oneDNN picks for ``rows`` rows
+("row-count layout", what inductor's freezing and our first packing did); and packed as the
+library packs (``pack_linear_weights``: per weight shape the faster at ``rows`` of the one-row
+and the row-count layout and, in fp32, the plain weight on MKL's GEMM); and that plus the
+fusions the packing step adds (pipeline/fusion.py: q/k/v as one GEMM, the FFN's GELU and the
+residual adds as post-ops), which is what the optimizer builds. Timed interleaved in this one
+process (rounds of ``--runs`` calls each, order rotating, median of the per-round medians and
+p90), the first call apart, and the min cosine of each packed model's outputs to the plain
+one's. Models: real all-MiniLM-L6-v2 when its asset can be fetched (skipped with the reason
+otherwise) and BERT-base with random weights (speed does not depend on them). Writes JSON:
 
-    python benchmarks/packed_linear.py --output bench-results/packed_linear.json
+    python benchmarks/packed_linear.py [--dtype fp32] --output bench-results/packed_linear.json
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from torchbridge.bench.harness import time_rounds
 from torchbridge.pipeline import fusion, packing
 from torchbridge.pipeline.loading import load_model
 
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 VARIANTS = ("plain", "row-count layout", "chosen layout", "chosen layout + fusions")
 
 
@@ -68,6 +69,7 @@ def models() -> list[tuple[str, torch.nn.Module, list[tuple[int, int]], str | No
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", choices=DTYPES, default="bf16")
     parser.add_argument("--runs", type=int, default=10, help="timed calls per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--output", type=Path, default=Path("bench-results/packed_linear.json"))
@@ -78,7 +80,7 @@ def main() -> None:
             rows.append({"model": name, "note": note})
             print(f"{name}: {note}")
             continue
-        plain = model.eval().to(torch.bfloat16)
+        plain = model.eval().to(DTYPES[args.dtype])
         for batch, seq in shapes:
             ids = torch.randint(1000, 2000, (batch, seq), generator=torch.Generator().manual_seed(0))
             inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -100,7 +102,7 @@ def main() -> None:
             print(f"{name} {batch}x{seq}: " + ", ".join(
                 f"{k} {med[k]:.1f} ms ({row['speedup_over_plain'][k]}x, min cos "
                 f"{row['min_cosine_to_plain'][k]:.5f})" for k in VARIANTS), flush=True)
-    result = {"device": describe(detect("cpu")), "torch": torch.__version__,
+    result = {"device": describe(detect("cpu")), "torch": torch.__version__, "dtype": args.dtype,
               "threads": torch.get_num_threads(), "rows": rows}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2))

@@ -1,4 +1,4 @@
-"""Query/key/value as one GEMM (pipeline/fused_attention.py): same outputs, ordinary checkpoints."""
+"""Query/key/value as one GEMM (pipeline/fusion.py): same outputs, ordinary checkpoints."""
 
 import copy
 

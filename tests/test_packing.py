@@ -1,4 +1,4 @@
-"""oneDNN-packed bf16 linears (pipeline/packing.py): same outputs, plain checkpoints, when applied."""
+"""oneDNN-packed linears (pipeline/packing.py): same outputs, plain checkpoints, when applied."""
 
 import copy
 
@@ -61,10 +61,27 @@ def test_the_layout_is_chosen_per_weight_shape_by_timing(monkeypatch):
             assert m.rows_hint == (1 if m.in_features == m.out_features else 64)
 
 
-def test_timing_picks_one_of_the_two_layouts():
+def test_timing_picks_one_of_the_layouts():
     weight = torch.randn(48, 32, dtype=torch.bfloat16)
     assert fastest_rows_hint(weight, rows=1) == 1  # one row: one candidate, nothing timed
     assert fastest_rows_hint(weight, rows=64, runs=2) in (1, 64)
+    # fp32 also times the plain weight (MKL's GEMM): None keeps the linear unpacked
+    assert fastest_rows_hint(weight.float(), rows=64, runs=2) in (None, 1, 64)
+
+
+def test_an_fp32_shape_whose_plain_weight_is_faster_stays_a_plain_linear(monkeypatch):
+    import torchbridge.pipeline.packing as packing
+
+    model = tiny_model("bert", "sequence-classification")
+    monkeypatch.setattr(packing, "fastest_rows_hint",
+                        lambda weight, rows: None if weight.shape[0] == weight.shape[1] else rows)
+    n, layouts = pack_linear_weights(model, rows=64)
+    square = [m for m in model.modules() if type(m) is torch.nn.Linear
+              and m.in_features == m.out_features]
+    assert square and n > 0 and all(v is None for k, v in layouts.items()
+                                     if k.split("x")[0] == k.split("x")[1])
+    assert all(m.rows_hint == 64 and m.in_features != m.out_features
+               for m in model.modules() if isinstance(m, PackedLinear))
 
 
 def test_a_compiled_graph_calls_the_packed_kernel():
@@ -77,7 +94,7 @@ def test_a_compiled_graph_calls_the_packed_kernel():
         torch.testing.assert_close(compiled(x).float(), packed(x).float())
 
 
-def test_the_optimizer_packs_plain_bf16_encoders_only():
+def test_the_optimizer_packs_plain_bf16_and_fp32_encoders_only():
     model = tiny_model("bert", "sequence-classification")
     opt = TextModelOptimizer(TextModelConfig(use_torch_compile=False, dtype=torch.bfloat16,
                                              device="cpu"))
@@ -87,9 +104,9 @@ def test_the_optimizer_packs_plain_bf16_encoders_only():
     step = next(s for s in opt.report.steps if s.name == "packed weights")
     assert step.applied and "oneDNN" in step.detail
     cpu = detect("cpu")
-    for config, why in ((TextModelConfig(dtype=torch.float32), "only plain bf16"),
-                        (TextModelConfig(dtype=torch.bfloat16, quantization="int8-dynamic"),
-                         "only plain bf16"),
+    assert make_plan(TextModelConfig(dtype=torch.float32), device=detect("cpu")).pack_weights[0]
+    for config, why in ((TextModelConfig(dtype=torch.bfloat16, quantization="int8-dynamic"),
+                         "only plain bf16 and fp32"),
                         (TextModelConfig(dtype=torch.bfloat16, use_torch_compile=True),
                          "freezing"),
                         (TextModelConfig(dtype=torch.bfloat16, use_amp=True), "autocast")):

@@ -139,21 +139,28 @@ def test_the_optimizer_removes_padding_unless_trimming_is_off():
 
 
 @needs_onednn
-def test_an_fp32_encoder_removes_padding_without_packing():
-    """fp32 linears stay unpacked, but q/k/v are fused and padding removed: the padded batch's
-    real positions equal the plain fp32 model's to fp32 rounding."""
+@pytest.mark.parametrize("layout", ["plain", "packed"])
+def test_an_fp32_encoder_packs_where_timed_faster_and_removes_padding(monkeypatch, layout):
+    """fp32 linears are packed where oneDNN's GEMM beat MKL's in the timing (here: forced either
+    way), q/k/v fused and padding removed: the padded batch's real positions equal the plain
+    fp32 model's to fp32 rounding."""
     from conftest import no_compile
 
+    import torchbridge.pipeline.packing as packing
     from torchbridge.models.text import TextModelOptimizer
     from torchbridge.pipeline.packing import PackedLinear
 
+    monkeypatch.setattr(packing, "fastest_rows_hint",
+                        lambda weight, rows: None if layout == "plain" else rows)
     reference = tiny_model("bert", "feature-extraction")
     opt = TextModelOptimizer(no_compile(dtype=torch.float32, device="cpu"))
     model = opt.optimize(copy.deepcopy(reference))
     assert removes_padding(model) and opt.report.verify.passed
-    assert not any(isinstance(m, PackedLinear) for m in model.modules())
+    packed = any(isinstance(m, PackedLinear) for m in model.modules())
+    assert packed == (layout == "packed")
     step = next(s for s in opt.report.steps if s.name == "packed weights")
-    assert not step.applied and "fp32: query/key/value as one GEMM" in step.detail
+    assert step.applied and "query/key/value as one GEMM" in step.detail
+    assert ("plain (unpacked)" in step.detail) == (layout == "plain")
     mask = _mask("1" * 16, "1" * 5 + "0" * 11, "1" * 9 + "0" * 7)
     got, want = _run(model, mask).last_hidden_state, _run(reference, mask).last_hidden_state
     keep = mask.bool()

@@ -1,4 +1,4 @@
-"""What the packing step fuses in a bf16 CPU encoder, on top of packing its linears.
+"""What the packing step fuses in a bf16 or fp32 CPU encoder, on top of packing its linears.
 
 * **Query, key and value as one GEMM.** BERT-style self-attention projects the same hidden
   states three times. At BERT-base's 1,024 rows, three packed 768 -> 768 GEMMs ran 1.6 ms where
@@ -14,6 +14,8 @@
 * **The residual add inside the output GEMM** of each attention and feed-forward block (a
   binary post-op, `fuse_residual_add`): one pass less before each LayerNorm. In eval mode only;
   in training the dropout sits between the two.
+* **Attention by the faster kernel** (`choose_attention_kernel`): SDPA, or two batched GEMMs
+  and a softmax (pipeline/attention.py), timed at the planned shape.
 * **Static int8 feed-forward blocks hand over uint8** (`fuse_requantize`): the first GEMM
   (GELU inside) writes its output on the second projection's calibrated grid.
 
@@ -34,6 +36,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from torchbridge.precisions.int8_static import Int8StaticLinear, feed_forward_pairs
 
+from .attention import bmm_attention, fastest_attention
 from .packing import PackedLinear, swap_modules
 
 if TYPE_CHECKING:
@@ -71,6 +74,7 @@ class FusedQKVSelfAttention(nn.Module):
         self.out_name = out_name
         if out_name is not None:
             self.add_module(out_name, getattr(attn, out_name))
+        self.kernel = "model"  # or "bmm": the packing step's timed choice (pipeline/attention.py)
         self.register_state_dict_post_hook(_original_names)
         self.train(attn.training)  # a new module starts in training mode (attention dropout on)
 
@@ -95,6 +99,9 @@ class FusedQKVSelfAttention(nn.Module):
         batch, seq = qkv.shape[:-1]
         qkv = qkv.view(batch, seq, 3, -1, self.head_size)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [batch, heads, seq, d]
+        if self.kernel == "bmm" and not self.training:
+            out = bmm_attention(query, key, value, attention_mask, self.scaling)
+            return out.reshape(batch, seq, -1), None
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
                                                           self.eager)
         out, weights = attention(self, query, key, value, attention_mask,
@@ -103,7 +110,23 @@ class FusedQKVSelfAttention(nn.Module):
         return out.reshape(batch, seq, -1), weights
 
     def extra_repr(self) -> str:
-        return f"{'/'.join(self.names)} fused into one {self.width}x3 projection"
+        kernel = ", attention as two batched GEMMs" if self.kernel == "bmm" else ""
+        return f"{'/'.join(self.names)} fused into one {self.width}x3 projection{kernel}"
+
+
+def choose_attention_kernel(model: nn.Module, dtype: torch.dtype, batch: int, seq: int) -> str | None:
+    """Time SDPA against `bmm_attention` at [batch, heads, seq, head] and give the faster to every
+    `FusedQKVSelfAttention` of ``model`` set to SDPA, in place; returns the kernel, or None when
+    no fused module uses SDPA."""
+    fused = [m for m in model.modules() if isinstance(m, FusedQKVSelfAttention)
+             and m.config._attn_implementation == "sdpa"]
+    if not fused:
+        return None
+    first = fused[0]
+    kernel = fastest_attention(dtype, batch, first.width // first.head_size, seq, first.head_size)
+    for module in fused:
+        module.kernel = "bmm" if kernel == "bmm" else "model"
+    return kernel
 
 
 def _original_names(module: FusedQKVSelfAttention, state: dict[str, Tensor], prefix: str,

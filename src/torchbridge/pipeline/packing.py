@@ -1,4 +1,4 @@
-"""Linear weights packed once into oneDNN's blocked layout (CPU, bf16).
+"""Linear weights packed once into oneDNN's blocked layout (CPU, bf16 and fp32).
 
 An unpacked bf16 ``nn.Linear`` on a CPU hands oneDNN its plain [out, in] weight, and oneDNN
 reorders it into the blocked layout its AMX / AVX-512 kernels read on every call: a full pass
@@ -7,13 +7,15 @@ over the weight for each GEMM, which at serving sizes costs as much as the GEMM.
 arithmetic is the same kernel's, so the outputs are unchanged.
 
 Which blocked layout matters as much as packing: oneDNN picks it from a row-count hint, and on
-the development CPU (AMX, 2 threads) the layout it picks for 512-1024 rows runs BERT-base's
+an Intel CPU with AMX (2 threads) the layout it picks for 512-1024 rows ran BERT-base's
 768-wide outputs at about half the speed of the layout it picks for one row (ad hoc, the
 3072 -> 768 projection at 1,024 rows: 855 vs 1615 GFLOP/s), while for MiniLM's 384-wide shapes
-the row-count layout is the faster one. So the layout is chosen per weight shape by timing both
-candidates at the planned rows (`fastest_rows_hint`). `python benchmarks/packed_linear.py`
-measures both effects on whole models (BERT-base at 8 x 128: 1.01x over unpacked in the
-row-count layout, 1.40x in the chosen one).
+the row-count layout is the faster one. So the layout is chosen per weight shape by timing the
+candidates at the planned rows (`fastest_rows_hint`). An fp32 weight has one more candidate:
+staying plain, on MKL's GEMM. On that Intel CPU MKL ran as fast as oneDNN; on a 2-core Zen 4
+oneDNN's packed fp32 GEMM ran ~20% faster (`benchmarks/gemm_ceiling.py`: 206-216 against 176
+GFLOP/s), and packing also lets the GELU and residual adds ride on the GEMM (pipeline/fusion.py).
+`python benchmarks/packed_linear.py [--dtype fp32]` measures both effects on whole models.
 
 ``PackedLinear`` keeps only the packed weight; ``weight`` and the state dict give the plain
 tensor back, so ``save_pretrained`` writes an ordinary checkpoint. Under ``torch.compile`` (a user
@@ -37,13 +39,16 @@ import statistics
 import time
 from collections import Counter
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
 
+K = TypeVar("K")
+
 
 def pack_weight(weight: Tensor, rows_hint: int) -> Tensor:
-    """A [out, in] bf16 weight in the oneDNN layout chosen for ``rows_hint`` rows."""
+    """A [out, in] bf16 or fp32 weight in the oneDNN layout chosen for ``rows_hint`` rows."""
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), rows_hint)
 
 
@@ -72,28 +77,43 @@ def _onednn_linear_eager(x: Tensor, packed: Tensor, bias: Tensor | None, out_fea
 
 def onednn_linear(x: Tensor, packed: Tensor, bias: Tensor | None, out_features: int,
                   post_op: str = "none") -> Tensor:
-    """y = post_op(x W^T + b) with W packed by `pack_weight`; x and b bf16. Eager calls skip the
+    """y = post_op(x W^T + b) with W packed by `pack_weight`; x and b in W's dtype. Eager calls skip the
     custom op's dispatch (~15 us a call, which a 37-linear MiniLM forward at batch 1 would feel)."""
     if torch.compiler.is_compiling():
         return _onednn_linear_op(x, packed, bias, out_features, post_op)
     return _onednn_linear_eager(x, packed, bias, out_features, post_op)
 
 
-def fastest_rows_hint(weight: Tensor, rows: int, runs: int = 5) -> int:
-    """The row-count hint (1 or ``rows``) whose layout runs ``rows`` rows fastest, by timing."""
-    if rows <= 1:
-        return 1
-    x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
-    packs = {hint: pack_weight(weight, hint) for hint in (1, rows)}
-    times: dict[int, list[float]] = {hint: [] for hint in packs}
+def fastest(candidates: dict[K, Callable[[], object]], runs: int = 5) -> K:
+    """The key of the candidate call that runs fastest: interleaved rounds, the first two as
+    warm-up, then the median of ``runs`` (one candidate: returned untimed)."""
+    if len(candidates) == 1:
+        return next(iter(candidates))
+    times: dict[K, list[float]] = {key: [] for key in candidates}
     with torch.inference_mode():
-        for i in range(runs + 2):  # interleaved, the first two rounds are warm-up
-            for hint, packed in packs.items():
+        for i in range(runs + 2):
+            for key, call in candidates.items():
                 t0 = time.perf_counter()
-                _onednn_linear_eager(x, packed, None, weight.shape[0])
+                call()
                 if i >= 2:
-                    times[hint].append(time.perf_counter() - t0)
-    return min(times, key=lambda hint: statistics.median(times[hint]))
+                    times[key].append(time.perf_counter() - t0)
+    return min(times, key=lambda key: statistics.median(times[key]))
+
+
+def fastest_rows_hint(weight: Tensor, rows: int, runs: int = 5) -> int | None:
+    """The layout that runs ``rows`` rows fastest, by timing: the row-count hint of a oneDNN
+    layout (1 or ``rows``), or None for the plain weight through ``F.linear``, a candidate for
+    fp32 only (MKL's GEMM, which beats oneDNN's on some CPUs and loses on others)."""
+    x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
+    candidates: dict[int | None, Callable[[], object]] = {}
+    if weight.dtype == torch.float32:
+        plain = weight.detach().contiguous()
+        candidates[None] = lambda: torch.nn.functional.linear(x, plain)
+    for hint in (1, rows) if rows > 1 else (1,):
+        packed = pack_weight(weight, hint)
+        candidates[hint] = lambda packed=packed: _onednn_linear_eager(x, packed, None,
+                                                                      weight.shape[0])
+    return fastest(candidates, runs)
 
 
 class PackedLinear(nn.Module):
@@ -158,22 +178,23 @@ def swap_modules(model: nn.Module, wanted: Callable[[nn.Module], bool],
     return swapped
 
 
-def pack_linear_weights(model: nn.Module, rows: int) -> tuple[int, dict[str, int]]:
-    """Swap every bf16 ``nn.Linear`` whose weight is its own (not tied to an embedding) for a
-    PackedLinear, in place, in the layout that runs ``rows`` rows fastest (timed once per weight
-    shape). Returns (linears swapped, {"out x in": the row hint chosen for that shape})."""
+def pack_linear_weights(model: nn.Module, rows: int) -> tuple[int, dict[str, int | None]]:
+    """Swap every bf16 or fp32 ``nn.Linear`` whose weight is its own (not tied to an embedding)
+    for a PackedLinear, in place, in the layout that runs ``rows`` rows fastest (timed once per
+    weight shape); an fp32 shape whose plain weight runs fastest stays a plain linear. Returns
+    (linears swapped, {"out x in": the row hint chosen for that shape, None for plain})."""
     uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
-    hints: dict[tuple[int, int], int] = {}
+    hints: dict[tuple[int, int], int | None] = {}
 
     def packable(m: nn.Module) -> bool:
-        return type(m) is nn.Linear and m.weight.dtype == torch.bfloat16 \
-            and m.weight.device.type == "cpu" and uses[id(m.weight)] == 1
-
-    def pack(linear: nn.Module) -> PackedLinear:
-        shape = tuple(linear.weight.shape)
+        if not (type(m) is nn.Linear and m.weight.dtype in (torch.bfloat16, torch.float32)
+                and m.weight.device.type == "cpu" and uses[id(m.weight)] == 1):
+            return False
+        shape = tuple(m.weight.shape)
         if shape not in hints:
-            hints[shape] = fastest_rows_hint(linear.weight, rows)
-        return PackedLinear(linear, hints[shape])
+            hints[shape] = fastest_rows_hint(m.weight, rows)
+        return hints[shape] is not None
 
-    swapped = swap_modules(model, packable, pack)
+    swapped = swap_modules(model, packable,
+                           lambda linear: PackedLinear(linear, hints[tuple(linear.weight.shape)]))
     return swapped, {f"{o}x{i}": hint for (o, i), hint in hints.items()}

@@ -69,22 +69,16 @@ class Plan:
 
     @property
     def pack_weights(self) -> tuple[bool, str]:
-        """(pack the bf16 linear weights for oneDNN?, why): derived, so a fallback re-decides it."""
+        """(pack the float linear weights for oneDNN?, why): derived, so a fallback re-decides it."""
         if not device_ops(self.device).packs_linear_weights:
             return False, f"no oneDNN weight packing on {self.device.type}"
-        if self.dtype != torch.bfloat16 or self.quantization or self.amp:
+        if self.dtype not in (torch.bfloat16, torch.float32) or self.quantization or self.amp:
             return False, f"{self.precision_name}{' under autocast' if self.amp else ''}: " \
-                          "only plain bf16 linears are packed"
+                          "only plain bf16 and fp32 linears are packed"
         if self.compile:
             return False, "compiled: inductor's freezing packs the weights itself"
-        return True, "bf16 linear weights reordered once into oneDNN's blocked layout, not per call"
-
-    @property
-    def unpads_float32(self) -> bool:
-        """Fuse q/k/v and remove padding inside an uncompiled fp32 encoder on a CPU (a bf16 one
-        does both as part of `pack_weights`; fp32 linears stay on MKL's GEMM, unpacked)."""
-        return (device_ops(self.device).packs_linear_weights and self.dtype == torch.float32
-                and not self.quantization and not self.compile and self.trim_padding)
+        return True, (f"{self.precision_name} linear weights reordered once into oneDNN's blocked "
+                      "layout, not per call")
 
     @property
     def precision_name(self) -> str:

@@ -86,15 +86,20 @@ def pack_weights(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn
         fused = fuse_qkv(model)
         swapped, hints = pack_linear_weights(model, rows * seq)
         gelus, adds = fuse_gelu(model), fuse_residual_add(model)
-        layouts = ", ".join(f"{shape}: {hint}" for shape, hint in hints.items())
+        layouts = ", ".join(f"{shape}: {'plain (unpacked)' if hint is None else hint}"
+                            for shape, hint in hints.items())
+        candidates = f"the 1-row and {rows * seq}-row ones"
+        if plan.dtype == torch.float32:
+            candidates += " and the plain weight (MKL's GEMM)"
         reason += (f" ({swapped} linears; layout per weight shape, the faster at "
-                   f"{rows * seq} rows of the 1-row and {rows * seq}-row ones: {layouts})")
+                   f"{rows * seq} rows of {candidates}: {layouts})")
         if fused:
             reason += f"; query/key/value as one GEMM in {fused} self-attention blocks"
         if gelus:
             reason += f"; GELU inside the GEMM before it in {gelus} feed-forward blocks"
         if adds:
             reason += f"; residual add inside the GEMM before it in {adds} output blocks"
+        reason += _attention_kernel(model, plan)
         if plan.trim_padding and remove_padding(model):
             reason += "; " + _UNPADDED
     elif plan.quantization == "int8-static":
@@ -108,20 +113,24 @@ def pack_weights(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn
                   f"step; GELU inside the GEMM in {gelus} feed-forward blocks ({linked} of them "
                   f"writing the next projection's uint8 input), residual add in {adds} output "
                   "blocks")
+        reason += _attention_kernel(model, plan)
         if plan.trim_padding and remove_padding(model):
             reason += "; " + _UNPADDED
-    elif plan.unpads_float32:
-        from .fusion import fuse_qkv
-        from .unpadding import remove_padding
-
-        # Padding removal needs the fused attention module; fp32 linears are not packed.
-        fused = fuse_qkv(model)
-        if fused:
-            reason += f"; fp32: query/key/value as one GEMM in {fused} self-attention blocks"
-        if fused and remove_padding(model):
-            reason += ", " + _UNPADDED
     report.step("packed weights", pack, reason)
     return model
+
+
+def _attention_kernel(model: nn.Module, plan: Plan) -> str:
+    """Give the fused self-attention modules the faster of SDPA and two batched GEMMs at the
+    planned shape (pipeline/attention.py); the report's words for the choice."""
+    from .fusion import choose_attention_kernel
+
+    rows, seq = plan.warmup_shape
+    kernel = choose_attention_kernel(model, plan.dtype, rows, seq)
+    if kernel is None:
+        return ""
+    chosen = "two batched GEMMs and a softmax" if kernel == "bmm" else "SDPA"
+    return f"; attention by {chosen}, the faster of the two at {rows} x {seq} (timed)"
 
 
 _UNPADDED = ("padding removed inside the encoder (token-wise work on the real tokens only, "

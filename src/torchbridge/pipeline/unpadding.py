@@ -1,4 +1,4 @@
-"""Padding removed inside a packed bf16 encoder: the token-wise work runs on real tokens only.
+"""Padding removed inside a packed CPU encoder: the token-wise work runs on real tokens only.
 
 Everything in a BERT-style layer except attention treats each token on its own: the linears,
 LayerNorm, GELU and the residual adds (~85% of a BERT-base forward in bf16 on the development

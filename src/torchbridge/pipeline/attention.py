@@ -1,0 +1,68 @@
+"""Which kernel computes a fused CPU encoder's attention: torch's SDPA, or two batched GEMMs.
+
+torch's CPU SDPA (a flash-attention kernel) splits every head into small query and key blocks
+and multiplies them with its own calls to the BLAS. At an encoder's sizes (BERT-base: 12 heads
+of 64, sequences of 128) and without AMX that costs more than the arithmetic: on a 2-core Zen 4
+it ran [8, 12, 128, 64] in bf16 in 4.3-4.5 ms, where one batched GEMM for the scores (scale and
+key mask applied by the GEMM), a softmax and one batched GEMM for the output took 1.8 ms (ad hoc;
+the scores are rounded to bf16 before the softmax, as Hugging Face's eager attention does). On
+a CPU with AMX, SDPA's blocks run on the tile units and it is the faster one. So the packing step
+times both at the planned shape (`fastest_attention`) and keeps the faster; the report says
+which. It replaces SDPA only: a model set to eager attention keeps it, and training (dropout)
+calls the model's own attention.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .packing import fastest
+
+# Scores of at most this many bytes per batched GEMM: larger batches of heads are cut into
+# pieces, each done before the next starts, because a fresh allocation of tens of MB per call is
+# paid again in page faults (on a 2-core Zen 4, [32, 12, 128, 32] in bf16: 11.5 ms in one piece,
+# 9.1 ms in 4 MB pieces, against SDPA's 10.1; ad hoc).
+SCORES_BYTES = 4 << 20
+
+
+def bmm_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
+                  scaling: float) -> Tensor:
+    """softmax(q k^T * scaling + mask) v for [batch, heads, seq, head] q/k/v (any strides) and an
+    additive float or boolean (True attends) mask broadcastable to [batch, heads, q, k];
+    returns [batch, q, heads, head] like Hugging Face's attention functions."""
+    batch, heads, queries, width = query.shape
+    keys = key.shape[2]
+    q = query.reshape(batch * heads, queries, width)
+    k = key.reshape(batch * heads, keys, width).transpose(1, 2)
+    v = value.reshape(batch * heads, keys, width)
+    bias, beta = q.new_zeros(()), 0.0
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device) \
+                .masked_fill(~mask, torch.finfo(q.dtype).min)
+        rows = mask.shape[2]
+        bias = mask.to(q.dtype).expand(batch, heads, rows, keys).reshape(batch * heads, rows, keys)
+        beta = 1.0
+    out = q.new_empty(batch * heads, queries, width)
+    step = max(1, SCORES_BYTES // (queries * keys * q.element_size()))
+    for i in range(0, batch * heads, step):
+        part = slice(i, i + step)
+        scores = torch.baddbmm(bias if bias.dim() == 0 else bias[part], q[part], k[part],
+                               beta=beta, alpha=scaling)
+        torch.bmm(torch.softmax(scores, dim=-1), v[part], out=out[part])
+    return out.view(batch, heads, queries, width).transpose(1, 2)
+
+
+def fastest_attention(dtype: torch.dtype, batch: int, heads: int, seq: int, head: int,
+                      runs: int = 5) -> str:
+    """"bmm" or "sdpa": the kernel that runs self-attention of this shape fastest on the CPU, by
+    timing both on q/k/v views of one fused projection, as the model's are."""
+    qkv = torch.randn(batch, seq, 3, heads, head, dtype=dtype)
+    query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    scaling = head ** -0.5
+    return fastest({
+        "sdpa": lambda: F.scaled_dot_product_attention(query, key, value, scale=scaling),
+        "bmm": lambda: bmm_attention(query, key, value, None, scaling),
+    }, runs)
