@@ -15,15 +15,14 @@ real all-MiniLM-L6-v2 when its asset can be fetched. Writes JSON:
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
-from torchbridge.backends import describe, detect
 from torchbridge.bench.assets._fetch import AssetUnavailableError
 from torchbridge.bench.assets.minilm import load_minilm
-from torchbridge.bench.harness import time_rounds
+from torchbridge.bench.harness import round_timings, time_rounds
+from torchbridge.bench.report import write_study
 from torchbridge.models.text import TextModelConfig, TextModelOptimizer
 from torchbridge.pipeline.fusion import FusedQKVSelfAttention
 from torchbridge.pipeline.loading import load_model
@@ -82,19 +81,14 @@ def main() -> None:
                 med = {k: t["median_ms"] for k, t in timed.items()}
                 row = {"model": name, "precision": precision, "inputs": kind, "shape": [batch, seq],
                        "optimizer_chose": chosen,
-                       "median_ms": {k: round(v, 2) for k, v in med.items()},
-                       "p90_ms": {k: round(t["p90_ms"], 2) for k, t in timed.items()},
-                       "first_call_s": {k: round(t["first_call_s"], 3) for k, t in timed.items()},
+                       **round_timings(timed),
                        "bmm_speedup": round(med["sdpa"] / med["bmm"], 3),
                        "min_cosine_to_fp32": cosine}
                 rows.append(row)
                 print(f"{name} {precision} {kind} {batch}x{seq}: sdpa {med['sdpa']:.1f} ms, bmm "
                       f"{med['bmm']:.1f} ms ({row['bmm_speedup']}x), optimizer chose "
                       f"{'/'.join(row['optimizer_chose'])}, min cosine to fp32 {cosine}", flush=True)
-    result = {"device": describe(detect("cpu")), "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "rows": rows}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2))
+    write_study(args.output, rows)
 
 
 if __name__ == "__main__":

@@ -19,16 +19,15 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 from pathlib import Path
 from unittest import mock
 
 import torch
 
-from torchbridge.backends import describe, detect
 from torchbridge.bench.assets._fetch import AssetUnavailableError
 from torchbridge.bench.assets.minilm import load_minilm
-from torchbridge.bench.harness import time_rounds
+from torchbridge.bench.harness import round_timings, time_rounds
+from torchbridge.bench.report import write_study
 from torchbridge.pipeline import fusion, packing
 from torchbridge.pipeline.loading import load_model
 
@@ -93,19 +92,14 @@ def main() -> None:
                 timed = time_rounds(calls, rounds=args.rounds, runs=args.runs)
             med = {k: t["median_ms"] for k, t in timed.items()}
             row = {"model": name, "shape": [batch, seq],
-                   "median_ms": {k: round(v, 2) for k, v in med.items()},
-                   "p90_ms": {k: round(t["p90_ms"], 2) for k, t in timed.items()},
-                   "first_call_s": {k: round(t["first_call_s"], 3) for k, t in timed.items()},
+                   **round_timings(timed),
                    "speedup_over_plain": {k: round(med["plain"] / v, 3) for k, v in med.items()},
                    "min_cosine_to_plain": {k: round(v, 6) for k, v in cosine.items()}}
             rows.append(row)
             print(f"{name} {batch}x{seq}: " + ", ".join(
                 f"{k} {med[k]:.1f} ms ({row['speedup_over_plain'][k]}x, min cos "
                 f"{row['min_cosine_to_plain'][k]:.5f})" for k in VARIANTS), flush=True)
-    result = {"device": describe(detect("cpu")), "torch": torch.__version__, "dtype": args.dtype,
-              "threads": torch.get_num_threads(), "rows": rows}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2))
+    write_study(args.output, rows, dtype=args.dtype)
 
 
 if __name__ == "__main__":

@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 from pathlib import Path
 
 import torch
 
-from torchbridge.backends import describe, detect
 from torchbridge.bench.assets._fetch import AssetUnavailableError
 from torchbridge.bench.assets.minilm import load_minilm, review_sentences
-from torchbridge.bench.harness import time_rounds
+from torchbridge.bench.harness import round_timings, time_rounds
+from torchbridge.bench.report import write_study
 from torchbridge.pipeline import fusion, packing
 from torchbridge.pipeline.loading import load_model
 from torchbridge.pipeline.padding import wrap_trim_padding
@@ -103,19 +102,14 @@ def main() -> None:
             med = {k: t["median_ms"] for k, t in timed.items()}
             row = {"model": name, "batch": label, "shape": list(real.shape),
                    "real_tokens": int(real.sum()),
-                   "median_ms": {k: round(v, 2) for k, v in med.items()},
-                   "p90_ms": {k: round(t["p90_ms"], 2) for k, t in timed.items()},
-                   "first_call_s": {k: round(t["first_call_s"], 3) for k, t in timed.items()},
+                   **round_timings(timed),
                    "speedup": round(med["grouped"] / med["padding removed"], 3),
                    "min_cosine_between": round(cosine, 6)}
             rows.append(row)
             print(f"{name}, {label} ({row['real_tokens']} real tokens): grouped "
                   f"{med['grouped']:.1f} ms, padding removed {med['padding removed']:.1f} ms "
                   f"({row['speedup']}x), min cos {cosine:.5f}", flush=True)
-    result = {"device": describe(detect("cpu")), "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "rows": rows}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2))
+    write_study(args.output, rows)
 
 
 if __name__ == "__main__":

@@ -179,6 +179,13 @@ def time_rounds(calls: dict[str, Callable[[], Any]], *, rounds: int, runs: int
                 "first_call_s": v[0].first_call_s} for k, v in timings.items()}
 
 
+def round_timings(timed: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """`time_rounds`' result as a JSON row's fields: per measure, {call: value} rounded."""
+    return {"median_ms": {k: round(t["median_ms"], 2) for k, t in timed.items()},
+            "p90_ms": {k: round(t["p90_ms"], 2) for k, t in timed.items()},
+            "first_call_s": {k: round(t["first_call_s"], 3) for k, t in timed.items()}}
+
+
 def _reset_rss_peak() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:

@@ -121,3 +121,16 @@ def write_results(doc: dict[str, Any], out_dir: Path, *, chart: bool = True) -> 
     paths["json"].write_text(json.dumps(doc, indent=2, default=str) + "\n")
     paths["markdown"].write_text(markdown_table(doc))
     return paths
+
+
+def write_study(path: Path, rows: list[dict[str, Any]], **fields: Any) -> None:
+    """A benchmark study's rows (``benchmarks/``) as JSON at ``path``, with the CPU, the torch
+    version and the thread count."""
+    import torch
+
+    from torchbridge.backends import describe, detect
+
+    result = {"device": describe(detect("cpu")), "torch": torch.__version__,
+              "threads": torch.get_num_threads(), **fields, "rows": rows}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
