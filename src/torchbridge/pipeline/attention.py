@@ -21,9 +21,9 @@ from torch import Tensor
 from .packing import fastest
 
 # Scores of at most this many bytes per batched GEMM: larger batches of heads are cut into
-# pieces, each done before the next starts, because a fresh allocation of tens of MB per call is
-# paid again in page faults (on a 2-core Zen 4, [32, 12, 128, 32] in bf16: 11.5 ms in one piece,
-# 9.1 ms in 4 MB pieces, against SDPA's 10.1; ad hoc).
+# pieces, each done before the next starts (on a 2-core Zen 4, [32, 12, 128, 32] in bf16 ran
+# 11.5 ms in one piece, with swings of 2x from call to call, and 9.1 ms in 4 MB pieces, against
+# SDPA's 10.1; ad hoc).
 SCORES_BYTES = 4 << 20
 
 
