@@ -184,17 +184,16 @@ def pack_linear_weights(model: nn.Module, rows: int) -> tuple[int, dict[str, int
     weight shape); an fp32 shape whose plain weight runs fastest stays a plain linear. Returns
     (linears swapped, {"out x in": the row hint chosen for that shape, None for plain})."""
     uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
-    hints: dict[tuple[int, int], int | None] = {}
 
     def packable(m: nn.Module) -> bool:
-        if not (type(m) is nn.Linear and m.weight.dtype in (torch.bfloat16, torch.float32)
-                and m.weight.device.type == "cpu" and uses[id(m.weight)] == 1):
-            return False
-        shape = tuple(m.weight.shape)
-        if shape not in hints:
-            hints[shape] = fastest_rows_hint(m.weight, rows)
-        return hints[shape] is not None
+        return type(m) is nn.Linear and m.weight.dtype in (torch.bfloat16, torch.float32) \
+            and m.weight.device.type == "cpu" and uses[id(m.weight)] == 1
 
-    swapped = swap_modules(model, packable,
-                           lambda linear: PackedLinear(linear, hints[tuple(linear.weight.shape)]))
+    hints: dict[tuple[int, int], int | None] = {}
+    for m in model.modules():
+        if packable(m) and tuple(m.weight.shape) not in hints:
+            hints[tuple(m.weight.shape)] = fastest_rows_hint(m.weight, rows)
+    swapped = swap_modules(
+        model, lambda m: packable(m) and hints[tuple(m.weight.shape)] is not None,
+        lambda linear: PackedLinear(linear, hints[tuple(linear.weight.shape)]))
     return swapped, {f"{o}x{i}": hint for (o, i), hint in hints.items()}
