@@ -77,17 +77,22 @@ def supports_fp8(info: DeviceInfo) -> bool:
 
 
 @functools.lru_cache(maxsize=1)
-def cpu_isa() -> frozenset[str]:
-    """The CPU vector and matrix extensions that decide precision choices on CPU."""
-    flags: set[str] = set()
+def cpu_flags() -> frozenset[str]:
+    """Every feature flag the kernel reports for the CPU (Linux; empty elsewhere)."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
             for line in f:
                 if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
-        pass  # not Linux: fall back to what torch reports below
+        pass  # not Linux: cpu_isa falls back to what torch reports
+    return frozenset()
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_isa() -> frozenset[str]:
+    """The CPU vector and matrix extensions that decide precision choices on CPU."""
+    flags = cpu_flags()
     isa = set()
     for flag, name in [
         ("avx2", "avx2"),

@@ -10,6 +10,13 @@ a CPU with AMX, SDPA's blocks run on the tile units and it is the faster one. So
 times both at the planned shape (`fastest_attention`) and keeps the faster; the report says
 which. It replaces SDPA only: a model set to eager attention keeps it, and training (dropout)
 calls the model's own attention.
+
+A third candidate for bf16 on CPUs with AVX512_BF16: torchbridge's own kernel
+(torchbridge/kernels), which does a sequence's head in one pass and reads q, k and v where the
+fused projection wrote them. On the same Zen 4 it ran [8, 12, 128, 64] in 1.3-1.7 ms, its
+scores and softmax in fp32 (ad hoc; `python benchmarks/attention_kernels.py` measures the three
+in whole models). It also takes sequences packed back to back (`lengths`), so an unpadded batch
+attends in one call instead of one per group of lengths.
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from torchbridge import kernels
 
 from .packing import fastest
 
@@ -55,14 +64,42 @@ def bmm_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None
     return out.view(batch, heads, queries, width).transpose(1, 2)
 
 
+def fused_kernel_unavailable(dtype: torch.dtype, head: int) -> str | None:
+    """Why torchbridge's fused kernel cannot run attention of this dtype and head size, or None."""
+    if dtype != torch.bfloat16:
+        return f"it computes bf16 only, not {dtype}"
+    if head % 16:
+        return f"it needs heads of a multiple of 16 features, not {head}"
+    return kernels.unavailable()
+
+
+def key_bias(mask: Tensor | None, batch: int, seq: int) -> tuple[bool, Tensor | None]:
+    """(True, the [batch, seq] additive fp32 key bias) when ``mask`` (None, or broadcastable to
+    [batch, heads, seq, seq]; bool = True attends, or additive) is the same for every head and
+    query, which a padding mask is; (False, None) when it is not."""
+    if mask is None:
+        return True, None
+    if mask.dim() != 4 or mask.shape[1] != 1 or (mask.shape[2] != 1 and mask.stride(2) != 0):
+        return False, None
+    keys = mask[:, 0, 0, :].expand(batch, seq)
+    if keys.dtype == torch.bool:
+        return True, torch.zeros(keys.shape).masked_fill(~keys, torch.finfo(torch.float32).min)
+    return True, keys.float()
+
+
 def fastest_attention(dtype: torch.dtype, batch: int, heads: int, seq: int, head: int,
                       runs: int = 5) -> str:
-    """"bmm" or "sdpa": the kernel that runs self-attention of this shape fastest on the CPU, by
-    timing both on q/k/v views of one fused projection, as the model's are."""
+    """"sdpa", "bmm" or "fused": the kernel that runs self-attention of this shape fastest on the
+    CPU, timed on q/k/v views of one fused projection, as the model's are ("fused" only where
+    `fused_kernel_unavailable` says nothing)."""
     qkv = torch.randn(batch, seq, 3, heads, head, dtype=dtype)
     query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     scaling = head ** -0.5
-    return fastest({
+    candidates = {
         "sdpa": lambda: F.scaled_dot_product_attention(query, key, value, scale=scaling),
         "bmm": lambda: bmm_attention(query, key, value, None, scaling),
-    }, runs)
+    }
+    if fused_kernel_unavailable(dtype, head) is None:
+        flat = qkv.view(batch, seq, -1)
+        candidates["fused"] = lambda: kernels.attention(flat, heads, scaling)
+    return fastest(candidates, runs)

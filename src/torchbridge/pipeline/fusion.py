@@ -14,8 +14,9 @@
 * **The residual add inside the output GEMM** of each attention and feed-forward block (a
   binary post-op, `fuse_residual_add`): one pass less before each LayerNorm. In eval mode only;
   in training the dropout sits between the two.
-* **Attention by the faster kernel** (`choose_attention_kernel`): SDPA, or two batched GEMMs
-  and a softmax (pipeline/attention.py), timed at the planned shape.
+* **Attention by the fastest kernel** (`choose_attention_kernel`): SDPA, two batched GEMMs and
+  a softmax, or torchbridge's fused bf16 kernel (pipeline/attention.py), timed at the planned
+  shape.
 * **Static int8 feed-forward blocks hand over uint8** (`fuse_requantize`): the first GEMM
   (GELU inside) writes its output on the second projection's calibrated grid.
 
@@ -34,9 +35,10 @@ import torch
 from torch import Tensor, nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from torchbridge import kernels
 from torchbridge.precisions.int8_static import Int8StaticLinear, feed_forward_pairs
 
-from .attention import bmm_attention, fastest_attention
+from .attention import bmm_attention, fastest_attention, key_bias
 from .packing import PackedLinear, swap_modules
 
 if TYPE_CHECKING:
@@ -74,7 +76,8 @@ class FusedQKVSelfAttention(nn.Module):
         self.out_name = out_name
         if out_name is not None:
             self.add_module(out_name, getattr(attn, out_name))
-        self.kernel = "model"  # or "bmm": the packing step's timed choice (pipeline/attention.py)
+        # "model" (its attention interface), "bmm" or "fused": the packing step's timed choice
+        self.kernel = "model"
         self.register_state_dict_post_hook(_original_names)
         self.train(attn.training)  # a new module starts in training mode (attention dropout on)
 
@@ -82,7 +85,12 @@ class FusedQKVSelfAttention(nn.Module):
                 unpadded: TokenLayout | None = None,
                 **kwargs: Any) -> tuple[Tensor, Tensor | None]:
         qkv = self.qkv(hidden_states)
-        if unpadded is None:
+        if self.kernel == "fused" and unpadded is not None and not self.training:
+            # sequences back to back in the packed rows: one call, no groups
+            out = kernels.attention(qkv[0], self.width // self.head_size, self.scaling,
+                                    lengths=unpadded.lengths)[None]
+            weights = None
+        elif unpadded is None:
             out, weights = self._attend(qkv, attention_mask, **kwargs)
             out = out.contiguous()
         else:  # real tokens only (pipeline/unpadding.py): attention by groups of sequences
@@ -97,9 +105,14 @@ class FusedQKVSelfAttention(nn.Module):
     def _attend(self, qkv: Tensor, attention_mask: Tensor | None,
                 **kwargs: Any) -> tuple[Tensor, Tensor | None]:
         batch, seq = qkv.shape[:-1]
+        if self.kernel == "fused" and not self.training:
+            per_key, bias = key_bias(attention_mask, batch, seq)
+            if per_key:  # otherwise (a mask that differs by query) the two GEMMs below
+                return kernels.attention(qkv, self.width // self.head_size, self.scaling,
+                                         key_bias=bias), None
         qkv = qkv.view(batch, seq, 3, -1, self.head_size)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [batch, heads, seq, d]
-        if self.kernel == "bmm" and not self.training:
+        if self.kernel in ("bmm", "fused") and not self.training:
             out = bmm_attention(query, key, value, attention_mask, self.scaling)
             return out.reshape(batch, seq, -1), None
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
@@ -110,14 +123,15 @@ class FusedQKVSelfAttention(nn.Module):
         return out.reshape(batch, seq, -1), weights
 
     def extra_repr(self) -> str:
-        kernel = ", attention as two batched GEMMs" if self.kernel == "bmm" else ""
+        kernel = {"bmm": ", attention as two batched GEMMs",
+                  "fused": ", attention by torchbridge's fused kernel"}.get(self.kernel, "")
         return f"{'/'.join(self.names)} fused into one {self.width}x3 projection{kernel}"
 
 
 def choose_attention_kernel(model: nn.Module, dtype: torch.dtype, batch: int, seq: int) -> str | None:
-    """Time SDPA against `bmm_attention` at [batch, heads, seq, head] and give the faster to every
-    `FusedQKVSelfAttention` of ``model`` set to SDPA, in place; returns the kernel, or None when
-    no fused module uses SDPA."""
+    """Time the attention kernels at [batch, heads, seq, head] (`fastest_attention`) and give the
+    fastest to every `FusedQKVSelfAttention` of ``model`` set to SDPA, in place; returns the
+    kernel ("sdpa", "bmm" or "fused"), or None when no fused module uses SDPA."""
     fused = [m for m in model.modules() if isinstance(m, FusedQKVSelfAttention)
              and m.config._attn_implementation == "sdpa"]
     if not fused:
@@ -125,7 +139,7 @@ def choose_attention_kernel(model: nn.Module, dtype: torch.dtype, batch: int, se
     first = fused[0]
     kernel = fastest_attention(dtype, batch, first.width // first.head_size, seq, first.head_size)
     for module in fused:
-        module.kernel = "bmm" if kernel == "bmm" else "model"
+        module.kernel = "model" if kernel == "sdpa" else kernel
     return kernel
 
 

@@ -121,16 +121,23 @@ def pack_weights(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn
 
 
 def _attention_kernel(model: nn.Module, plan: Plan) -> str:
-    """Give the fused self-attention modules the faster of SDPA and two batched GEMMs at the
-    planned shape (pipeline/attention.py); the report's words for the choice."""
-    from .fusion import choose_attention_kernel
+    """Give the fused self-attention modules the fastest attention kernel at the planned shape
+    (pipeline/attention.py); the report's words for the choice."""
+    from .attention import fused_kernel_unavailable
+    from .fusion import FusedQKVSelfAttention, choose_attention_kernel
 
     rows, seq = plan.warmup_shape
     kernel = choose_attention_kernel(model, plan.dtype, rows, seq)
     if kernel is None:
         return ""
-    chosen = "two batched GEMMs and a softmax" if kernel == "bmm" else "SDPA"
-    return f"; attention by {chosen}, the faster of the two at {rows} x {seq} (timed)"
+    names = {"sdpa": "SDPA", "bmm": "two batched GEMMs and a softmax",
+             "fused": "torchbridge's fused kernel"}
+    head = next(m.head_size for m in model.modules() if isinstance(m, FusedQKVSelfAttention))
+    why_not = fused_kernel_unavailable(plan.dtype, head)
+    if why_not is None:
+        return f"; attention by {names[kernel]}, the fastest of three at {rows} x {seq} (timed)"
+    return (f"; attention by {names[kernel]}, the faster of two at {rows} x {seq} (timed; "
+            f"not torchbridge's fused kernel: {why_not})")
 
 
 _UNPADDED = ("padding removed inside the encoder (token-wise work on the real tokens only, "

@@ -6,10 +6,11 @@ CPU). So once the embeddings are computed, the encoder gathers the real tokens o
 into one [1, tokens, hidden] block and runs every layer's token-wise work on it. For attention
 the sequences are regrouped by their length rounded up to KEY_ALIGN (`AttentionGroup`: a few
 calls of the model's attention interface a layer, each with its own key mask), and the outputs
-gathered back into the packed rows. The last hidden state is scattered back to [batch, seq,
-hidden] with zeros at padded positions (meaningless before too, and what the padding trimmer
-returns there). Values at real positions are the same arithmetic as before, on GEMMs of fewer
-rows. `python benchmarks/unpadded_encoder.py` measures it.
+gathered back into the packed rows; torchbridge's fused kernel (pipeline/attention.py) takes the
+packed rows as they are, one call a layer with each sequence's length. The last hidden state is
+scattered back to [batch, seq, hidden] with zeros at padded positions (meaningless before too,
+and what the padding trimmer returns there). Values at real positions are the same arithmetic
+as before, on GEMMs of fewer rows. `python benchmarks/unpadded_encoder.py` measures it.
 
 It needs the attention modules to know the layout, so it applies to encoders whose every
 self-attention is a `FusedQKVSelfAttention` (pipeline/fusion.py), and is done by two hooks on the
@@ -72,6 +73,7 @@ class TokenLayout:
     padded_index: Tensor  # ``index`` extended to the packed row count with copies of its first
     groups: list[AttentionGroup]
     regroup: Tensor  # per packed row, its position in the groups' concatenated outputs
+    lengths: Tensor  # int32 [sequences]: each non-empty sequence's length, as packed
     batch: int
     seq: int
 
@@ -100,7 +102,8 @@ class TokenLayout:
                                          _key_mask(valid, mask), len(members), width))
             offset += len(members) * width
         return cls(index, torch.cat([index, index[:1].expand(rows - len(index))]), groups,
-                   regroup.to(index.device), *real.shape)
+                   regroup.to(index.device), torch.tensor([n for n in lengths if n],
+                                                          dtype=torch.int32), *real.shape)
 
     def pack(self, x: Tensor) -> Tensor:
         """[batch, seq, ...] -> [1, packed rows, ...]."""
