@@ -1,25 +1,26 @@
-"""Which kernel computes a fused CPU encoder's attention: torch's SDPA, or two batched GEMMs.
+"""Which kernel computes a fused CPU encoder's attention: SDPA, two batched GEMMs or our own.
 
 torch's CPU SDPA (a flash-attention kernel) splits every head into small query and key blocks
 and multiplies them with its own calls to the BLAS. At an encoder's sizes (BERT-base: 12 heads
 of 64, sequences of 128) and without AMX that costs more than the arithmetic: on a 2-core Zen 4
 it ran [8, 12, 128, 64] in bf16 in 4.3-4.5 ms, where one batched GEMM for the scores (scale and
 key mask applied by the GEMM), a softmax and one batched GEMM for the output took 1.8 ms (ad hoc;
-the scores are rounded to bf16 before the softmax, as Hugging Face's eager attention does). On
-a CPU with AMX, SDPA's blocks run on the tile units and it is the faster one. So the packing step
-times both at the planned shape (`fastest_attention`) and keeps the faster; the report says
-which. It replaces SDPA only: a model set to eager attention keeps it, and training (dropout)
-calls the model's own attention.
-
-A third candidate for bf16 on CPUs with AVX512_BF16: torchbridge's own kernel
-(torchbridge/kernels), which does a sequence's head in one pass and reads q, k and v where the
-fused projection wrote them. On the same Zen 4 it ran [8, 12, 128, 64] in 1.3-1.7 ms, its
-scores and softmax in fp32 (ad hoc; `python benchmarks/attention_kernels.py` measures the three
-in whole models). It also takes sequences packed back to back (`lengths`), so an unpadded batch
-attends in one call instead of one per group of lengths.
+the scores are rounded to bf16 before the softmax, as Hugging Face's eager attention does).
+torchbridge's own kernel (torchbridge/kernels, bf16 on CPUs with AVX512_BF16) does a sequence's
+head in one pass, reads q, k and v where the fused projection wrote them and keeps the scores
+and softmax in fp32: 1.3-1.7 ms at that shape (ad hoc). It also takes sequences packed back to
+back, so an encoder with its padding removed attends in one call a layer instead of one per
+group of lengths. On a CPU with AMX, SDPA's blocks run on the tile units and it can be the
+fastest. So the packing step times the candidates at the planned shape (`fastest_attention`)
+and keeps the fastest; the report says which, and why the fused kernel was not a candidate
+where it was not. It replaces SDPA only: a model set to eager attention keeps it, and training
+(dropout) calls the model's own attention. `python benchmarks/attention_kernels.py` measures
+the three in whole models.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -88,18 +89,26 @@ def key_bias(mask: Tensor | None, batch: int, seq: int) -> tuple[bool, Tensor | 
 
 
 def fastest_attention(dtype: torch.dtype, batch: int, heads: int, seq: int, head: int,
-                      runs: int = 5) -> str:
+                      runs: int = 7) -> str:
     """"sdpa", "bmm" or "fused": the kernel that runs self-attention of this shape fastest on the
-    CPU, timed on q/k/v views of one fused projection, as the model's are ("fused" only where
-    `fused_kernel_unavailable` says nothing)."""
-    qkv = torch.randn(batch, seq, 3, heads, head, dtype=dtype)
-    query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    CPU ("fused" only where `fused_kernel_unavailable` says nothing). Timed as the model runs
+    them: on q/k/v views of one fused projection, rewritten before every call (in the model the
+    projection has just written it, and the kernels differ in how they read it), each giving
+    [batch, seq, heads * head] as the output projection takes it."""
+    source = torch.randn(batch, seq, 3 * heads * head, dtype=dtype)
+    qkv = torch.empty_like(source)
+    query, key, value = qkv.view(batch, seq, 3, heads, head).permute(2, 0, 3, 1, 4).unbind(0)
     scaling = head ** -0.5
+
+    def after_projection(attend: Callable[[], Tensor]) -> Callable[[], Tensor]:
+        return lambda: (qkv.copy_(source), attend())[1]
+
     candidates = {
-        "sdpa": lambda: F.scaled_dot_product_attention(query, key, value, scale=scaling),
-        "bmm": lambda: bmm_attention(query, key, value, None, scaling),
+        "sdpa": after_projection(lambda: F.scaled_dot_product_attention(
+            query, key, value, scale=scaling).transpose(1, 2).reshape(batch, seq, -1)),
+        "bmm": after_projection(
+            lambda: bmm_attention(query, key, value, None, scaling).reshape(batch, seq, -1)),
     }
     if fused_kernel_unavailable(dtype, head) is None:
-        flat = qkv.view(batch, seq, -1)
-        candidates["fused"] = lambda: kernels.attention(flat, heads, scaling)
+        candidates["fused"] = after_projection(lambda: kernels.attention(qkv, heads, scaling))
     return fastest(candidates, runs)
