@@ -92,13 +92,20 @@ def test_bad_inputs_are_refused_with_what_was_given():
                           lengths=torch.tensor([4, 5]))
 
 
-def test_without_a_compiler_it_says_so_and_is_not_offered(monkeypatch, tmp_path):
-    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    monkeypatch.setenv("TORCHBRIDGE_KERNELS", str(tmp_path))
+@pytest.mark.parametrize("missing", ["compiler", "writable cache"])
+def test_where_it_cannot_be_built_it_says_why_and_is_not_offered(monkeypatch, tmp_path, missing):
+    if missing == "compiler":
+        monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+        monkeypatch.setenv("TORCHBRIDGE_KERNELS", str(tmp_path))
+        words = "no C++ compiler"
+    else:
+        (tmp_path / "a-file").write_text("")
+        monkeypatch.setenv("TORCHBRIDGE_KERNELS", str(tmp_path / "a-file"))
+        words = "set TORCHBRIDGE_KERNELS to a writable folder"
     kernels._library.cache_clear()
     try:
         why = kernels.unavailable()
-        assert why is not None and ("compiler" in why or "AVX512_BF16" in why)
+        assert why is not None and (words in why or "no AVX512_BF16" in why)
         assert fused_kernel_unavailable(torch.bfloat16, 64) == why
         assert fastest_attention(torch.bfloat16, 2, 2, 16, 16, runs=1) in ("sdpa", "bmm")
         with pytest.raises(RuntimeError, match="cannot run here"):

@@ -52,14 +52,19 @@ def _library() -> ctypes.CDLL | str:
                                     *sorted(cpu_flags())]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"attention_bf16-{key}.so"
     if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            built = Path(tmp) / target.name
-            result = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(built)],
-                                    capture_output=True, text=True)
-            if result.returncode != 0:
-                return f"{compiler} failed to build {_SOURCE.name}: {result.stderr.strip()[-400:]}"
-            built.replace(target)  # atomic: a concurrent build leaves one whole file
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                built = Path(tmp) / target.name
+                result = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(built)],
+                                        capture_output=True, text=True, timeout=300)
+                if result.returncode != 0:
+                    return (f"{compiler} failed to build {_SOURCE.name}: "
+                            f"{result.stderr.strip()[-400:]}")
+                built.replace(target)  # atomic: a concurrent build leaves one whole file
+        except (OSError, subprocess.TimeoutExpired) as err:
+            return (f"could not build it in {target.parent} ({err}); set TORCHBRIDGE_KERNELS to "
+                    f"a writable folder")
     library = ctypes.CDLL(str(target))
     library.tb_attention_bf16.restype = ctypes.c_int
     library.tb_attention_bf16.argtypes = [
