@@ -13,7 +13,7 @@ from torchbridge import kernels
 from torchbridge.backends import detect, device_ops
 from torchbridge.models.text import TextModelOptimizer
 from torchbridge.pipeline.attention import fastest_attention, fused_kernel_unavailable, key_bias
-from torchbridge.pipeline.fusion import FusedQKVSelfAttention
+from torchbridge.pipeline.fusion import FusedQKVSelfAttention, fuse_qkv
 from torchbridge.pipeline.unpadding import removes_padding
 
 WHY = kernels.unavailable()
@@ -87,9 +87,15 @@ def test_bad_inputs_are_refused_with_what_was_given():
     with pytest.raises(ValueError, match="key_bias"):
         kernels.attention(torch.zeros(2, 4, 96, dtype=torch.bfloat16), 2, 0.1,
                           key_bias=torch.zeros(2, 5))
-    with pytest.raises(ValueError, match="add up to 9"):
+    with pytest.raises(ValueError, match="sum 9"):
         kernels.attention(torch.zeros(8, 96, dtype=torch.bfloat16), 2, 0.1,
                           lengths=torch.tensor([4, 5]))
+    with pytest.raises(ValueError, match=">= 0"):
+        kernels.attention(torch.zeros(8, 96, dtype=torch.bfloat16), 2, 0.1,
+                          lengths=torch.tensor([4, -1]))
+    with pytest.raises(ValueError, match="no padding to mask"):
+        kernels.attention(torch.zeros(8, 96, dtype=torch.bfloat16), 2, 0.1,
+                          lengths=torch.tensor([4]), key_bias=torch.zeros(1, 4))
 
 
 @pytest.mark.parametrize("missing", ["compiler", "writable cache"])
@@ -155,3 +161,16 @@ def test_an_optimized_encoder_with_the_fused_kernel_matches_fp32(monkeypatch, pa
         want = reference(input_ids=ids, attention_mask=mask).last_hidden_state
     keep = mask.bool()
     assert F.cosine_similarity(got[keep].float(), want[keep], dim=-1).min() > 0.999
+
+
+def test_a_module_given_the_fused_kernel_computes_other_dtypes_by_the_gemms():
+    model = tiny_model("bert", "feature-extraction", hidden_size=64, num_attention_heads=4,
+                       intermediate_size=64)
+    fuse_qkv(model)
+    fused = next(m for m in model.modules() if isinstance(m, FusedQKVSelfAttention))
+    fused.kernel = "fused"  # chosen for bf16; the model was cast to fp32 afterwards
+    qkv = torch.randn(2, 5, 3 * fused.width, generator=torch.Generator().manual_seed(0))
+    out, _ = fused._attend(qkv, None)
+    q, k, v = qkv.view(2, 5, 3, 4, 16).permute(2, 0, 3, 1, 4).unbind(0)
+    want = F.scaled_dot_product_attention(q, k, v, scale=fused.scaling)
+    torch.testing.assert_close(out, want.transpose(1, 2).reshape(2, 5, -1), atol=1e-5, rtol=1e-5)

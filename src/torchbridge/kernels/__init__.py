@@ -108,6 +108,9 @@ def attention(qkv: Tensor, heads: int, scaling: float, *, lengths: Tensor | None
             qkv = qkv.contiguous()  # sequences back to back: one row stride for all
         rows = qkv.flatten(0, 1)
         lengths = torch.full((batch,), seq, dtype=torch.int32)
+    elif key_bias is not None:
+        raise ValueError("key_bias goes with a [batch, seq, ...] qkv; packed sequences (lengths) "
+                         "have no padding to mask")
     else:
         rows, lengths = qkv, lengths.to(torch.int32).contiguous()
     if torch.compiler.is_compiling():  # opaque to dynamo; eager calls skip the op's dispatch
@@ -122,11 +125,12 @@ def _attention(rows: Tensor, lengths: Tensor, key_bias: Tensor | None, heads: in
     why = unavailable()
     if why:
         raise RuntimeError(f"torchbridge's fused attention kernel cannot run here: {why}")
-    if int(lengths.sum()) > len(rows):
-        raise ValueError(f"lengths add up to {int(lengths.sum())} rows; qkv has {len(rows)}")
+    used = int(lengths.sum())
+    if used > len(rows) or bool((lengths < 0).any()):
+        raise ValueError(f"lengths must be >= 0 and fit the {len(rows)} rows of qkv, got "
+                         f"{lengths.tolist()[:8]} (sum {used})")
     starts = torch.zeros(len(lengths), dtype=torch.int64)
     torch.cumsum(lengths[:-1], 0, out=starts[1:])
-    used = int(lengths.sum())
     out = rows.new_empty(len(rows), rows.shape[1] // 3)
     if used < len(rows):
         out[used:] = 0

@@ -85,7 +85,7 @@ class FusedQKVSelfAttention(nn.Module):
                 unpadded: TokenLayout | None = None,
                 **kwargs: Any) -> tuple[Tensor, Tensor | None]:
         qkv = self.qkv(hidden_states)
-        if self.kernel == "fused" and unpadded is not None and not self.training:
+        if self._fused(qkv) and unpadded is not None:
             # sequences back to back in the packed rows: one call, no groups
             out = kernels.attention(qkv[0], self.width // self.head_size, self.scaling,
                                     lengths=unpadded.lengths)[None]
@@ -105,7 +105,7 @@ class FusedQKVSelfAttention(nn.Module):
     def _attend(self, qkv: Tensor, attention_mask: Tensor | None,
                 **kwargs: Any) -> tuple[Tensor, Tensor | None]:
         batch, seq = qkv.shape[:-1]
-        if self.kernel == "fused" and not self.training:
+        if self._fused(qkv):
             per_key, bias = key_bias(attention_mask, batch, seq)
             if per_key:  # otherwise (a mask that differs by query) the two GEMMs below
                 return kernels.attention(qkv, self.width // self.head_size, self.scaling,
@@ -121,6 +121,11 @@ class FusedQKVSelfAttention(nn.Module):
                                  dropout=self.dropout.p if self.training else 0.0,
                                  scaling=self.scaling, **kwargs)
         return out.reshape(batch, seq, -1), weights
+
+    def _fused(self, qkv: Tensor) -> bool:
+        """Whether this call runs torchbridge's fused kernel: chosen, in eval mode, and on the
+        bf16 it was chosen for (a model cast after optimizing gets the two GEMMs)."""
+        return self.kernel == "fused" and not self.training and qkv.dtype == torch.bfloat16
 
     def extra_repr(self) -> str:
         kernel = {"bmm": ", attention as two batched GEMMs",
