@@ -6,7 +6,9 @@ model with plain ``nn.Linear`` weights; packed in the layout oneDNN picks for ``
 library packs (``pack_linear_weights``: per weight shape the faster at ``rows`` of the one-row
 and the row-count layout and, in fp32, the plain weight on MKL's GEMM); and that plus the
 fusions the packing step adds (pipeline/fusion.py: q/k/v as one GEMM, the FFN's GELU and the
-residual adds as post-ops), which is what the optimizer builds. Timed interleaved in this one
+residual adds as post-ops); and that with, per output shape, the faster of the add post-op and
+torchbridge's add + LayerNorm kernel (bf16, where it can be built), which is what the optimizer
+builds. Timed interleaved in this one
 process (rounds of ``--runs`` calls each, order rotating, median of the per-round medians and
 p90), the first call apart, and the min cosine of each packed model's outputs to the plain
 one's. Models: real all-MiniLM-L6-v2 when its asset can be fetched (skipped with the reason
@@ -32,14 +34,15 @@ from torchbridge.pipeline import fusion, packing
 from torchbridge.pipeline.loading import load_model
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-VARIANTS = ("plain", "row-count layout", "chosen layout", "chosen layout + fusions")
+VARIANTS = ("plain", "row-count layout", "chosen layout", "chosen layout + fusions",
+            "chosen layout + fusions + norm kernel")
 
 
 def packed_copy(model: torch.nn.Module, rows: int, variant: str) -> torch.nn.Module:
     packed = copy.deepcopy(model)
     if variant == "plain":
         return packed
-    fuse = variant.endswith("+ fusions")
+    fuse = "+ fusions" in variant
     if fuse:
         fusion.fuse_qkv(packed)
     if variant == "row-count layout":  # every weight in the layout oneDNN picks for `rows` rows
@@ -50,6 +53,8 @@ def packed_copy(model: torch.nn.Module, rows: int, variant: str) -> torch.nn.Mod
     if fuse:
         fusion.fuse_gelu(packed)
         fusion.fuse_residual_add(packed)
+    if variant.endswith("+ norm kernel"):  # per shape the faster of the add post-op and the kernel
+        fusion.choose_norm_kernel(packed, rows)
     return packed
 
 

@@ -1,15 +1,18 @@
 """Query/key/value as one GEMM (pipeline/fusion.py): same outputs, ordinary checkpoints."""
 
 import copy
+import re
 
 import pytest
 import torch
 from conftest import tiny_model
 
+from torchbridge import kernels
 from torchbridge.backends import detect, device_ops
 from torchbridge.pipeline.fusion import (
     FusedQKVSelfAttention,
     ResidualOutput,
+    choose_norm_kernel,
     fuse_gelu,
     fuse_qkv,
     fuse_residual_add,
@@ -140,4 +143,49 @@ def test_the_optimizer_fuses_where_it_packs_bf16_linears():
     step = next(s for s in opt.report.steps if s.name == "packed weights")
     assert "query/key/value as one GEMM in 2 self-attention blocks" in step.detail
     assert "GELU inside the GEMM before it in 2 feed-forward blocks" in step.detail
-    assert "residual add inside the GEMM before it in 4 output blocks" in step.detail
+    # per output block the faster of the add inside the GEMM and the add + LayerNorm kernel
+    assert re.search(r"residual add (inside the GEMM before it|and LayerNorm by torchbridge's "
+                     r"kernel) in \d output blocks", step.detail)
+    norms = [m.norm for m in optimized.modules() if isinstance(m, ResidualOutput)]
+    assert len(norms) == 4 and set(norms) <= {"model", "fused"}
+
+
+@needs_onednn
+@pytest.mark.skipif(kernels.unavailable() is not None, reason=f"{kernels.unavailable()}")
+def test_the_add_and_layernorm_kernel_matches_torch_and_either_choice_computes_the_same():
+    g = torch.Generator().manual_seed(0)
+    x, residual = (torch.randn(2, 5, 48, generator=g).to(torch.bfloat16) for _ in range(2))
+    norm = torch.nn.LayerNorm(48).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5, generator=g)
+        norm.bias.uniform_(-0.5, 0.5, generator=g)
+        got = kernels.add_layer_norm(x, residual, norm.weight, norm.bias, 1e-5)
+    want = torch.nn.functional.layer_norm(x.float() + residual.float(), (48,),
+                                          norm.weight.float(), norm.bias.float(), 1e-5)
+    assert got.shape == x.shape and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=1e-2)  # one bf16 rounding
+    with pytest.raises(ValueError, match="multiple of 16"):
+        kernels.add_layer_norm(x[..., :40], residual[..., :40], norm.weight[:40],
+                               norm.bias[:40], 1e-5)
+    with pytest.raises(ValueError, match="two CPU bf16 tensors of one shape"):
+        kernels.add_layer_norm(x.float(), residual, norm.weight, norm.bias, 1e-5)
+
+    model = tiny_model("bert", "sequence-classification", hidden_size=64,
+                       num_attention_heads=4).to(torch.bfloat16)
+    pack_linear_weights(model, rows=16)
+    fuse_residual_add(model)
+    blocks = [m for m in model.modules() if isinstance(m, ResidualOutput)]
+    assert choose_norm_kernel(model, rows=16)[1] is None  # a candidate here
+    ids, mask = _batch(4)
+    logits = {}
+    for norm_kernel in ("model", "fused"):
+        for block in blocks:
+            block.norm = norm_kernel
+        with torch.no_grad():
+            logits[norm_kernel] = model(input_ids=ids, attention_mask=mask).logits.float()
+    torch.testing.assert_close(logits["fused"], logits["model"], atol=3e-2, rtol=2e-2)
+    odd = tiny_model("bert", "sequence-classification", hidden_size=40,
+                     num_attention_heads=4).to(torch.bfloat16)
+    pack_linear_weights(odd, rows=16)
+    fuse_residual_add(odd)
+    assert choose_norm_kernel(odd, rows=16) == (0, "it needs a width of a multiple of 16, not 40")

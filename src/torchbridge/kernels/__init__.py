@@ -5,7 +5,8 @@ heads into small blocks with a BLAS call each, and two batched GEMMs (pipeline/a
 first copy q, k and v out of the fused projection, then write the scores and read them back three
 times for the softmax. ``attention_bf16.cpp`` does a (sequence, head) at a time in one pass, with
 AVX512_BF16 dot products, an fp32 softmax and no copies of q/k/v, and takes sequences packed back
-to back, so a batch with its padding removed attends in one call.
+to back, so a batch with its padding removed attends in one call. ``layer_norm_bf16.cpp`` ends a
+post-LN encoder block: the residual add and the LayerNorm in one pass over the rows.
 
 It is plain C++ without torch's headers, so it builds in about a second, the way inductor builds
 its CPU kernels (same compiler, ``-march=native``, OpenMP). The shared library is cached under
@@ -31,7 +32,8 @@ from torch import Tensor
 
 from torchbridge.backends import cpu_flags, cpu_isa, cpu_name
 
-_SOURCE = Path(__file__).with_name("attention_bf16.cpp")
+_SOURCES = sorted(Path(__file__).parent.glob("*.cpp"))  # built together into one library
+_HEADERS = sorted(Path(__file__).parent.glob("*.h"))
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 
 
@@ -41,25 +43,26 @@ def _cache_dir() -> Path:
 
 @functools.cache
 def _library() -> ctypes.CDLL | str:
-    """The built attention library, or why it cannot be built here."""
+    """The built library, or why it cannot be built here."""
     if "avx512_bf16" not in cpu_isa():
         return "this CPU has no AVX512_BF16"
     compiler = shutil.which(os.environ.get("CXX", "g++"))
     if compiler is None:
         return "no C++ compiler found (install g++ or set CXX)"
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\n".join([_SOURCE.read_text(), *_FLAGS, version, cpu_name(),
+    texts = [path.read_text() for path in _SOURCES + _HEADERS]
+    key = hashlib.sha256("\n".join([*texts, *_FLAGS, version, cpu_name(),
                                     *sorted(cpu_flags())]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"attention_bf16-{key}.so"
+    target = _cache_dir() / f"torchbridge_kernels-{key}.so"
     if not target.exists():
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
                 built = Path(tmp) / target.name
-                result = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(built)],
+                result = subprocess.run([compiler, *_FLAGS, *map(str, _SOURCES), "-o", str(built)],
                                         capture_output=True, text=True, timeout=300)
                 if result.returncode != 0:
-                    return (f"{compiler} failed to build {_SOURCE.name}: "
+                    return (f"{compiler} failed to build {', '.join(s.name for s in _SOURCES)}: "
                             f"{result.stderr.strip()[-400:]}")
                 built.replace(target)  # atomic: a concurrent build leaves one whole file
         except (OSError, subprocess.TimeoutExpired) as err:
@@ -71,6 +74,11 @@ def _library() -> ctypes.CDLL | str:
         ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
         ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_int,
         ctypes.c_float, ctypes.c_int]
+    library.tb_add_layer_norm_bf16.restype = ctypes.c_int
+    library.tb_add_layer_norm_bf16.argtypes = [
+        ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p, ctypes.c_long, ctypes.c_long,
+        ctypes.c_int, ctypes.c_int]
     return library
 
 
@@ -157,3 +165,55 @@ def _attention_op(rows: Tensor, lengths: Tensor, key_bias: Tensor | None, heads:
 def _(rows: Tensor, lengths: Tensor, key_bias: Tensor | None, heads: int,
       scaling: float) -> Tensor:
     return rows.new_empty(rows.shape[0], rows.shape[1] // 3)
+
+
+def add_layer_norm(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor,
+                   eps: float) -> Tensor:
+    """``layer_norm(x + residual)`` over the last dimension of bf16 CPU tensors of one shape
+    (the width a multiple of 16), the add and the statistics in fp32; ``weight`` and ``bias``
+    are the LayerNorm's (used in bf16)."""
+    width = x.shape[-1]
+    if x.dtype != torch.bfloat16 or residual.dtype != torch.bfloat16 or x.device.type != "cpu" \
+            or residual.shape != x.shape or width % 16 or weight.shape != (width,) \
+            or bias.shape != (width,):
+        raise ValueError(f"fused add + LayerNorm takes two CPU bf16 tensors of one shape, the "
+                         f"last dimension a multiple of 16, and a weight and bias of that width; "
+                         f"got {x.dtype} {tuple(x.shape)} on {x.device}, {residual.dtype} "
+                         f"{tuple(residual.shape)}, weight {tuple(weight.shape)}")
+    if torch.compiler.is_compiling():
+        return _add_layer_norm_op(x, residual, weight, bias, eps)
+    return _add_layer_norm(x, residual, weight, bias, eps)
+
+
+def _add_layer_norm(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor,
+                    eps: float) -> Tensor:
+    why = unavailable()
+    if why:
+        raise RuntimeError(f"torchbridge's fused add + LayerNorm kernel cannot run here: {why}")
+    width = x.shape[-1]
+    rows, res = x.reshape(-1, width), residual.reshape(-1, width)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    if res.stride(-1) != 1:
+        res = res.contiguous()
+    gamma = weight.detach().to(torch.bfloat16).contiguous()
+    beta = bias.detach().to(torch.bfloat16).contiguous()
+    out = torch.empty(x.shape, dtype=torch.bfloat16)
+    status = _library().tb_add_layer_norm_bf16(
+        rows.data_ptr(), rows.stride(0), res.data_ptr(), res.stride(0), gamma.data_ptr(),
+        beta.data_ptr(), eps, out.data_ptr(), width, len(rows), width, torch.get_num_threads())
+    if status:
+        raise RuntimeError(f"fused add + LayerNorm kernel failed (status {status}) on rows "
+                           f"{tuple(rows.shape)}")
+    return out
+
+
+@torch.library.custom_op("torchbridge::add_layer_norm_bf16", mutates_args=())
+def _add_layer_norm_op(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor,
+                       eps: float) -> Tensor:
+    return _add_layer_norm(x, residual, weight, bias, eps)
+
+
+@_add_layer_norm_op.register_fake
+def _(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    return torch.empty_like(x)

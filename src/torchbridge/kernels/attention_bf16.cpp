@@ -17,30 +17,16 @@
 #include <cstdint>
 #include <cstdlib>
 
+#include "simd.h"
+
 namespace {
 
-using u16 = uint16_t;
-using u32 = uint32_t;
+using tb::exp512;
+using tb::u16;
+using tb::u32;
 
 constexpr int kQueryBlock = 32;  // query rows whose scores are kept at once (32 x T fp32)
 constexpr int kRowsAhead = 4;    // rows fetched ahead of the one being rearranged
-
-// exp(x) for x <= 0 (Cephes expf: range reduction by ln 2, degree-6 polynomial, 2^n by scalef).
-inline __m512 exp512(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
-}
 
 inline __m512 dot_pairs(__m512 acc, __m512i a, __m512i b) {
   return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
@@ -88,10 +74,7 @@ void values_block(const u32* const* p, const u32* vp, int half_t, int d, int d0,
   }
   for (int r = 0; r < R; ++r) {
     const __m512 scale = _mm512_set1_ps(inv[r]);
-    for (int c = 0; c < C; ++c) {
-      const __m256bh y = _mm512_cvtneps_pbh(_mm512_mul_ps(acc[r][c], scale));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[r] + d0 + 16 * c), (__m256i)y);
-    }
+    for (int c = 0; c < C; ++c) tb::store_bf16(out[r] + d0 + 16 * c, _mm512_mul_ps(acc[r][c], scale));
   }
 }
 

@@ -13,7 +13,10 @@
   (`fuse_gelu`, on packed linears only; the activation module becomes ``nn.Identity``).
 * **The residual add inside the output GEMM** of each attention and feed-forward block (a
   binary post-op, `fuse_residual_add`): one pass less before each LayerNorm. In eval mode only;
-  in training the dropout sits between the two.
+  in training the dropout sits between the two. For bf16 the alternative is torchbridge's add +
+  LayerNorm kernel after a plain GEMM (`choose_norm_kernel`, timed per shape): on a 2-core Zen 4
+  oneDNN's add post-op cost about twice a separate add, and the kernel does the add and the
+  LayerNorm in one pass.
 * **Attention by the fastest kernel** (`choose_attention_kernel`): SDPA, two batched GEMMs and
   a softmax, or torchbridge's fused bf16 kernel (pipeline/attention.py), timed at the planned
   shape.
@@ -39,7 +42,7 @@ from torchbridge import kernels
 from torchbridge.precisions.int8_static import Int8StaticLinear, feed_forward_pairs
 
 from .attention import bmm_attention, fastest_attention, key_bias
-from .packing import PackedLinear, swap_modules
+from .packing import PackedLinear, fastest, swap_modules
 
 if TYPE_CHECKING:
     from .unpadding import TokenLayout
@@ -209,18 +212,28 @@ _RESIDUAL_OUTPUTS = frozenset({"BertSelfOutput", "BertOutput", "RobertaSelfOutpu
 
 
 class ResidualOutput(nn.Module):
-    """A `_RESIDUAL_OUTPUTS` module whose packed dense GEMM also adds the residual; the same
-    submodules under the same names, so the state dict is unchanged."""
+    """A `_RESIDUAL_OUTPUTS` module whose packed dense GEMM also adds the residual, or whose add
+    and LayerNorm run as one pass of torchbridge's kernel after the GEMM (`choose_norm_kernel`);
+    the same submodules under the same names, so the state dict is unchanged."""
 
     def __init__(self, block: nn.Module) -> None:
         super().__init__()
         self.dense, self.dropout, self.LayerNorm = block.dense, block.dropout, block.LayerNorm
+        self.norm = "model"  # or "fused": the packing step's timed choice
         self.train(block.training)
 
     def forward(self, hidden_states: Tensor, input_tensor: Tensor) -> Tensor:
         if self.training:  # dropout comes between the GEMM and the add
             return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
+        if self.norm == "fused" and input_tensor.dtype == torch.bfloat16:
+            norm = self.LayerNorm
+            return kernels.add_layer_norm(self.dense(hidden_states), input_tensor, norm.weight,
+                                          norm.bias, norm.eps)
         return self.LayerNorm(self.dense.plus(hidden_states, input_tensor))
+
+    def extra_repr(self) -> str:
+        return "residual add and LayerNorm by torchbridge's fused kernel" \
+            if self.norm == "fused" else "residual add inside the GEMM"
 
 
 def fuse_residual_add(model: nn.Module) -> int:
@@ -228,6 +241,46 @@ def fuse_residual_add(model: nn.Module) -> int:
     `ResidualOutput`, in place; returns how many were swapped."""
     return swap_modules(model, lambda m: type(m).__name__ in _RESIDUAL_OUTPUTS
                  and isinstance(getattr(m, "dense", None), _POST_OP_LINEARS), ResidualOutput)
+
+
+def norm_kernel_unavailable(block: ResidualOutput) -> str | None:
+    """Why torchbridge's add + LayerNorm kernel cannot run this block, or None."""
+    norm = block.LayerNorm
+    if not isinstance(block.dense, PackedLinear) or block.dense.packed.dtype != torch.bfloat16:
+        return "it runs after a packed bf16 GEMM only"
+    if not isinstance(norm, nn.LayerNorm) or norm.weight is None or norm.bias is None:
+        return "it needs a LayerNorm with a weight and a bias"
+    if norm.normalized_shape[0] % 16:
+        return f"it needs a width of a multiple of 16, not {norm.normalized_shape[0]}"
+    return kernels.unavailable()
+
+
+def choose_norm_kernel(model: nn.Module, rows: int) -> tuple[int, str | None]:
+    """Time, per dense shape at ``rows`` rows, the residual add inside the GEMM followed by the
+    LayerNorm against the plain GEMM followed by torchbridge's add + LayerNorm kernel, and give
+    each `ResidualOutput` the faster, in place. Returns how many blocks got the kernel, and why
+    it was not a candidate (None when it was)."""
+    blocks = [m for m in model.modules() if isinstance(m, ResidualOutput)]
+    why_not = next(filter(None, map(norm_kernel_unavailable, blocks)), None) if blocks else None
+    if not blocks or why_not:
+        return 0, why_not
+    chosen: dict[tuple[int, int], str] = {}
+    for block in blocks:
+        shape = (block.dense.in_features, block.dense.out_features)
+        if shape not in chosen:
+            chosen[shape] = _faster_norm(block, rows)
+        block.norm = chosen[shape]
+    return sum(block.norm == "fused" for block in blocks), None
+
+
+def _faster_norm(block: ResidualOutput, rows: int) -> str:
+    dense, norm = block.dense, block.LayerNorm
+    x = torch.randn(rows, dense.in_features, dtype=torch.bfloat16)
+    residual = torch.randn(rows, dense.out_features, dtype=torch.bfloat16)
+    return fastest({
+        "model": lambda: norm(dense.plus(x, residual)),
+        "fused": lambda: kernels.add_layer_norm(dense(x), residual, norm.weight, norm.bias,
+                                                norm.eps)}, runs=7)
 
 
 def fuse_requantize(model: nn.Module) -> int:

@@ -136,12 +136,14 @@ class PackedLinear(nn.Module):
 
     def plus(self, x: Tensor, residual: Tensor) -> Tensor:
         """``self(x) + residual`` with the add done by oneDNN on the GEMM's output before it is
-        written (a binary post-op; eager only, and only without another post-op)."""
+        written (a binary post-op; eager only, and only without another post-op). A strided
+        residual is copied first: oneDNN takes it only dense (a strided one sent its int8 GEMM
+        to a reference kernel, 100 ms for 8 rows)."""
         if self.post_op != "none" or torch.compiler.is_compiling():
             return self(x) + residual
         y = torch.ops.mkldnn._linear_pointwise.binary(
-            x.reshape(-1, x.shape[-1]), residual.reshape(-1, self.out_features), self.packed,
-            self.bias, "add")
+            x.reshape(-1, x.shape[-1]), residual.reshape(-1, self.out_features).contiguous(),
+            self.packed, self.bias, "add")
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:

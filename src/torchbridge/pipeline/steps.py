@@ -80,7 +80,6 @@ def pack_weights(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn
     if pack:
         from .fusion import fuse_gelu, fuse_qkv, fuse_residual_add
         from .packing import pack_linear_weights
-        from .unpadding import remove_padding
 
         rows, seq = plan.warmup_shape
         fused = fuse_qkv(model)
@@ -97,14 +96,9 @@ def pack_weights(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn
             reason += f"; query/key/value as one GEMM in {fused} self-attention blocks"
         if gelus:
             reason += f"; GELU inside the GEMM before it in {gelus} feed-forward blocks"
-        if adds:
-            reason += f"; residual add inside the GEMM before it in {adds} output blocks"
-        reason += _attention_kernel(model, plan)
-        if plan.trim_padding and remove_padding(model):
-            reason += "; " + _UNPADDED
+        reason += _residual_kernel(model, adds, rows * seq) + _encoder_work(model, plan)
     elif plan.quantization == "int8-static":
         from .fusion import fuse_gelu, fuse_requantize, fuse_residual_add
-        from .unpadding import remove_padding
 
         pack = True
         gelus, adds = fuse_gelu(model), fuse_residual_add(model)
@@ -113,11 +107,40 @@ def pack_weights(model: nn.Module, plan: Plan, report: OptimizationReport) -> nn
                   f"step; GELU inside the GEMM in {gelus} feed-forward blocks ({linked} of them "
                   f"writing the next projection's uint8 input), residual add in {adds} output "
                   "blocks")
-        reason += _attention_kernel(model, plan)
-        if plan.trim_padding and remove_padding(model):
-            reason += "; " + _UNPADDED
+        reason += _encoder_work(model, plan)
     report.step("packed weights", pack, reason)
     return model
+
+
+def _encoder_work(model: nn.Module, plan: Plan) -> str:
+    """What a fused encoder computes, and with which attention kernel: the fastest kernel, real
+    tokens only (pipeline/unpadding.py), a first-token classifier's last layer on those rows
+    only (pipeline/first_token.py); the report's words for what was done."""
+    from .first_token import first_token_only
+    from .unpadding import remove_padding
+
+    reason = _attention_kernel(model, plan)
+    if plan.trim_padding and remove_padding(model):
+        reason += "; " + _UNPADDED
+    if first_token_only(model):
+        reason += "; " + _FIRST_TOKEN
+    return reason
+
+
+def _residual_kernel(model: nn.Module, blocks: int, rows: int) -> str:
+    """Give each residual output block the faster of the add inside its GEMM and torchbridge's
+    add + LayerNorm kernel after it (pipeline/fusion.py); the report's words for the choice."""
+    from .fusion import choose_norm_kernel
+
+    if not blocks:
+        return ""
+    fused, why_not = choose_norm_kernel(model, rows)
+    inside = f"residual add inside the GEMM before it in {blocks - fused} output blocks"
+    if why_not:
+        return f"; {inside} (not torchbridge's add + LayerNorm kernel: {why_not})"
+    kernel = f"residual add and LayerNorm by torchbridge's kernel in {fused} output blocks"
+    parts = [part for part, n in ((kernel, fused), (inside, blocks - fused)) if n]
+    return f"; {'; '.join(parts)} (the faster at {rows} rows, timed)"
 
 
 def _attention_kernel(model: nn.Module, plan: Plan) -> str:
@@ -140,6 +163,8 @@ def _attention_kernel(model: nn.Module, plan: Plan) -> str:
             f"not torchbridge's fused kernel: {why_not})")
 
 
+_FIRST_TOKEN = ("the last layer computes only each sequence's first token after attention (the "
+                "classifier reads nothing else)")
 _UNPADDED = ("padding removed inside the encoder (token-wise work on the real tokens only, "
              "attention sequence by sequence)")
 

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .first_token import FLAG as FIRST_TOKEN_ONLY
 from .fusion import FusedQKVSelfAttention
 
 # Encoder classes whose forward runs its layers on (hidden_states, attention_mask, **kwargs) and
@@ -77,6 +78,11 @@ class TokenLayout:
     batch: int
     seq: int
 
+    @functools.cached_property
+    def first_rows(self) -> Tensor:
+        """The packed rows at the first position of a sequence (pipeline/first_token.py)."""
+        return (self.index % self.seq == 0).nonzero().squeeze(1)
+
     @classmethod
     def from_mask(cls, real: Tensor, mask: Tensor) -> TokenLayout:
         """The layout of ``real`` ([batch, seq] bool); ``mask`` is the model's 4-D mask, whose
@@ -108,6 +114,12 @@ class TokenLayout:
     def pack(self, x: Tensor) -> Tensor:
         """[batch, seq, ...] -> [1, packed rows, ...]."""
         return x.reshape(self.batch * self.seq, *x.shape[2:]).index_select(0, self.padded_index)[None]
+
+    def unpack_first(self, x: Tensor) -> Tensor:
+        """[1, `first_rows`, ...] -> [batch, 1, ...], zeros where the first position is padding."""
+        full = x.new_zeros(self.batch, 1, *x.shape[2:])
+        full[self.index[self.first_rows] // self.seq, 0] = x[0]
+        return full
 
     def unpack(self, x: Tensor) -> Tensor:
         """[1, packed rows, ...] -> [batch, seq, ...], zeros at padded positions."""
@@ -170,7 +182,10 @@ def _pack_tokens(config: Any, encoder: nn.Module, args: tuple, kwargs: dict[str,
 def _unpack_tokens(encoder: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any):
     layout = kwargs.get("unpadded")
     if layout is not None:
-        output.last_hidden_state = layout.unpack(output.last_hidden_state)
+        last = output.last_hidden_state
+        # the last layer kept only the first rows when the classifier asked (first_token.py)
+        output.last_hidden_state = layout.unpack_first(last) if kwargs.get(FIRST_TOKEN_ONLY) \
+            else layout.unpack(last)
     return output
 
 

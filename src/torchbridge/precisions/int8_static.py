@@ -120,12 +120,13 @@ class Int8StaticLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def plus(self, x: Tensor, residual: Tensor) -> Tensor:
-        """``self(x) + residual``, the add done by oneDNN on the GEMM's output (a post-op)."""
+        """``self(x) + residual``, the add done by oneDNN on the GEMM's output (a post-op; a
+        strided residual is copied first, see `PackedLinear.plus`)."""
         if self.post_op != "none" or self.requantize_to is not None:
             return self(x) + residual
         y = torch.ops.onednn.qlinear_pointwise.binary(
             self._quantize(x), self.x_scale, self.x_zero, self.packed, self.weight_scales,
-            self.weight_zeros, residual.reshape(-1, self.out_features), self.bias,
+            self.weight_zeros, residual.reshape(-1, self.out_features).contiguous(), self.bias,
             1.0, 0, residual.dtype, 1.0, 0, "add", 1.0, "none", [], "")
         return y.reshape(*x.shape[:-1], self.out_features)
 
