@@ -92,3 +92,13 @@ def test_models_that_read_every_token_keep_every_row(task):
 def test_the_checkpoint_keeps_its_names(tmp_path):
     reference, model, _ = _optimized("bert")
     assert model.state_dict().keys() == reference.state_dict().keys()
+
+
+def test_decoder_inputs_are_refused_not_ignored():
+    _, model, _ = _optimized("bert")
+    last = next(m for m in model.modules() if isinstance(m, FirstTokenLayer))
+    hidden = torch.zeros(1, 3, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="encoder_hidden_states must be None"):
+        last(hidden, None, hidden)
+    with pytest.raises(ValueError, match="past_key_values must be None"):
+        last(hidden, past_key_values=object())
