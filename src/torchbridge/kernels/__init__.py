@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import itertools
 import os
 import shutil
 import subprocess
@@ -128,23 +129,31 @@ def attention(qkv: Tensor, heads: int, scaling: float, *, lengths: Tensor | None
     return out if qkv.dim() == 2 else out.view(*qkv.shape[:2], heads * d)
 
 
+def _loaded(kernel: str) -> ctypes.CDLL:
+    """The built library, or a RuntimeError saying why ``kernel`` cannot run here."""
+    library = _library()
+    if isinstance(library, str):
+        raise RuntimeError(f"torchbridge's {kernel} kernel cannot run here: {library}")
+    return library
+
+
 def _attention(rows: Tensor, lengths: Tensor, key_bias: Tensor | None, heads: int,
                scaling: float) -> Tensor:
-    why = unavailable()
-    if why:
-        raise RuntimeError(f"torchbridge's fused attention kernel cannot run here: {why}")
-    used = int(lengths.sum())
-    if used > len(rows) or bool((lengths < 0).any()):
+    library = _loaded("fused attention")
+    # checked and summed as Python ints: a handful of sequences, called once a layer, where
+    # each torch op on them cost ~50 us
+    counts = lengths.tolist()
+    used = sum(counts)
+    if used > len(rows) or min(counts, default=0) < 0:
         raise ValueError(f"lengths must be >= 0 and fit the {len(rows)} rows of qkv, got "
-                         f"{lengths.tolist()[:8]} (sum {used})")
-    starts = torch.zeros(len(lengths), dtype=torch.int64)
-    torch.cumsum(lengths[:-1], 0, out=starts[1:])
+                         f"{counts[:8]} (sum {used})")
+    starts = torch.tensor(list(itertools.accumulate(counts, initial=0))[:-1], dtype=torch.int64)
     out = rows.new_empty(len(rows), rows.shape[1] // 3)
     if used < len(rows):
         out[used:] = 0
     if key_bias is not None:
         key_bias = key_bias.to(torch.float32).contiguous()
-    status = _library().tb_attention_bf16(
+    status = library.tb_attention_bf16(
         rows.data_ptr(), rows.stride(0), starts.data_ptr(), lengths.data_ptr(),
         None if key_bias is None else key_bias.data_ptr(),
         0 if key_bias is None else key_bias.stride(0), out.data_ptr(), out.stride(0),
@@ -187,9 +196,7 @@ def add_layer_norm(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor,
 
 def _add_layer_norm(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor,
                     eps: float) -> Tensor:
-    why = unavailable()
-    if why:
-        raise RuntimeError(f"torchbridge's fused add + LayerNorm kernel cannot run here: {why}")
+    library = _loaded("fused add + LayerNorm")
     width = x.shape[-1]
     rows, res = x.reshape(-1, width), residual.reshape(-1, width)
     if rows.stride(-1) != 1:
@@ -199,7 +206,7 @@ def _add_layer_norm(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor,
     gamma = weight.detach().to(torch.bfloat16).contiguous()
     beta = bias.detach().to(torch.bfloat16).contiguous()
     out = torch.empty(x.shape, dtype=torch.bfloat16)
-    status = _library().tb_add_layer_norm_bf16(
+    status = library.tb_add_layer_norm_bf16(
         rows.data_ptr(), rows.stride(0), res.data_ptr(), res.stride(0), gamma.data_ptr(),
         beta.data_ptr(), eps, out.data_ptr(), width, len(rows), width, torch.get_num_threads())
     if status:
