@@ -239,7 +239,8 @@ class GPT2Decoder(CausalDecoder):
         self.head_dim = cfg.n_embd // cfg.n_head
         self.max_positions = cfg.n_positions
         self.eps = cfg.layer_norm_epsilon
-        self.act = ACT2FN[cfg.activation_function]
+        self.act_name = cfg.activation_function
+        self.act = ACT2FN[self.act_name]
         self.register_buffer("wte", tr.wte.weight.detach())
         self.register_buffer("wpe", tr.wpe.weight.detach())
         base = 1.0 / math.sqrt(self.head_dim) if cfg.scale_attn_weights else 1.0
@@ -313,7 +314,8 @@ class LlamaDecoder(CausalDecoder):
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.max_positions = None  # RoPE has no table to run off the end of
         self.eps = cfg.rms_norm_eps
-        self.act = ACT2FN[cfg.hidden_act]
+        self.act_name = cfg.hidden_act
+        self.act = ACT2FN[self.act_name]
         self.attn_scales = [self.head_dim**-0.5] * self.n_layers
         self.register_buffer("inv_freq", rope.inv_freq.detach().float())
         self.rope_scaling = float(rope.attention_scaling)

@@ -12,6 +12,7 @@ from torch import nn
 from torchbridge.backends import synchronize
 from torchbridge.generation.compiling import compiled_prompt_layer, inductor_options, own_method
 from torchbridge.generation.decoders import DECODERS, CausalDecoder, StaticKVCache
+from torchbridge.generation.native_step import NativeStep
 from torchbridge.generation.sampling import (
     MIN_LENGTH_RULES,
     SUPPORTED_ARGS,
@@ -57,6 +58,7 @@ class FastGenerator:
         compile: bool = True,
         compile_mode: str | None = "reduce-overhead",
         compile_prompt: bool | None = None,
+        native_step: bool | None = None,
     ) -> None:
         if not self.supports(model):
             raise ValueError(
@@ -71,6 +73,7 @@ class FastGenerator:
                 f"{self.device.type}): the prompt's layers are compiled on CPUs only; leave "
                 f"compile_prompt unset for the default")
         self.decoder: CausalDecoder = DECODERS[model.config.model_type](model).eval()
+        self._native = self._native_step(native_step, compile)
         self.compile = compile
         self.compile_mode = compile_mode
         self._caches: OrderedDict[tuple[int, int], StaticKVCache] = OrderedDict()
@@ -85,6 +88,7 @@ class FastGenerator:
             "compiled": compile,
             "compile_mode": compile_mode,
             "weight_bytes_per_token": self.decoder.weight_bytes_per_token(),
+            "decode_step": self.stats_decode_step if compile else "eager",
         }
         if compile:
             import torch._inductor.inductor_prims  # noqa: F401  (used by projections._realize)
@@ -116,6 +120,8 @@ class FastGenerator:
                                                             counting("prompt_compiles"))
 
             def step(first: bool, *args: Any) -> Any:
+                if self._native is not None and args[6]:  # gemv: one sequence
+                    return self._native(*args)
                 if not first:
                     return compiled(*args)
                 # One graph per (batch, cache length): more than dynamo's default 8 shapes per
@@ -125,6 +131,23 @@ class FastGenerator:
                     return compiled(*args)
 
             self._step = step
+
+    def _native_step(self, asked: bool | None, compile: bool) -> NativeStep | None:
+        """The C++ decode step for one sequence (generation/native_step.py): used where it can
+        run when compiling on a CPU (``native_step=None``), never with False; True raises where
+        it cannot run. ``stats["decode_step"]`` says which step one-sequence decoding takes."""
+        why = None
+        if not compile or self.device.type != "cpu":
+            why = f"compile={compile} on {self.device.type}: the native step is a compiled CPU path"
+        else:
+            why = NativeStep.unavailable(self.decoder)
+        if asked and why:
+            raise ValueError(f"native_step=True, but the native decode step cannot run here: "
+                             f"{why}; leave native_step unset to use the compiled step")
+        self.stats_decode_step = ("native (kernels/decode_step.cpp)" if not why and asked is not False
+                                  else "compiled" + (" (native step off)" if asked is False
+                                                     else f" (native step unavailable: {why})"))
+        return NativeStep(self.decoder) if not why and asked is not False else None
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:

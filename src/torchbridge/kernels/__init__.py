@@ -80,6 +80,14 @@ def _library() -> ctypes.CDLL | str:
         ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p,
         ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p, ctypes.c_long, ctypes.c_long,
         ctypes.c_int, ctypes.c_int]
+    library.tb_decode_scratch.restype = ctypes.c_long
+    library.tb_decode_scratch.argtypes = [ctypes.c_void_p, ctypes.c_long]
+    library.tb_decode_step.restype = ctypes.c_int
+    library.tb_decode_step.argtypes = [
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+        ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64),
+        ctypes.c_int]
     return library
 
 

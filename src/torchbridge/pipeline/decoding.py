@@ -58,7 +58,8 @@ def attach_fast_generate(model: nn.Module, plan: Plan, report: OptimizationRepor
     generate.torchbridge_generator = generator  # type: ignore[attr-defined]
     model.generate = generate
     report.step("fast_generate", True, "static KV cache, prefill + "
-                + (f"compiled decode step ({plan.compile_reason})" if plan.compile
+                + (f"compiled decode step ({plan.compile_reason}); one sequence: "
+                   f"{generator.stats['decode_step']}" if plan.compile
                    else f"eager decode step ({plan.compile_reason})"))
 
 
