@@ -4,7 +4,8 @@ For each weight format, two generators over the same model: `FastGenerator(model
 step where it can run) and `FastGenerator(model, native_step=False)` (inductor's compiled step).
 50 greedy tokens (min_new_tokens=50) from a 16-token prompt, rounds interleaved with the order
 alternating; decode ms/token from the generator's own stats (prefill and the first call apart),
-median and p90 over rounds, GB/s of weights read per token, the first call of each (the
+median and p90 over rounds, GB/s of weights read per token, the time to the first token (the
+native side prefills prompts of up to 16 tokens in the kernel too), the first call of each (the
 compiled step compiles then) and whether both produced the same tokens (int8-dynamic sums
 exactly in int32 natively and in fp32 compiled, so a near-tie may flip there). GPT-2 runs on
 seeded random weights (speed does not depend on the values); `--models smollm2` runs the real
@@ -50,7 +51,8 @@ def measure(name: str, fmt: str, rounds: int, tokens: int, prompt: torch.Tensor)
     model = build(name, fmt)
     gens = {"native": FastGenerator(model), "compiled": FastGenerator(model, native_step=False)}
     kw = dict(max_new_tokens=tokens, min_new_tokens=tokens)
-    outputs, first_s, per_token = {}, {}, {k: [] for k in gens}
+    outputs, first_s = {}, {}
+    per_token, ttft = {k: [] for k in gens}, {k: [] for k in gens}
     with torch.inference_mode():
         for k, gen in gens.items():
             t0 = time.perf_counter()
@@ -61,6 +63,7 @@ def measure(name: str, fmt: str, rounds: int, tokens: int, prompt: torch.Tensor)
             for k in (list(gens) if r % 2 else list(gens)[::-1]):
                 gens[k].generate(prompt, **kw)
                 per_token[k].append(gens[k].stats["decode_ms_per_token"])
+                ttft[k].append(gens[k].stats["time_to_first_token_ms"])
     weight_bytes = gens["native"].stats["weight_bytes_per_token"]
     med = {k: statistics.median(v) for k, v in per_token.items()}
     return {
@@ -68,6 +71,8 @@ def measure(name: str, fmt: str, rounds: int, tokens: int, prompt: torch.Tensor)
         "decode_ms_per_token_median": {k: round(v, 2) for k, v in med.items()},
         "decode_ms_per_token_p90": {k: round(statistics.quantiles(v, n=10)[-1], 2)
                                     for k, v in per_token.items()},
+        "time_to_first_token_ms_median": {k: round(statistics.median(v), 1)
+                                          for k, v in ttft.items()},
         "first_call_s": first_s,
         "speedup_native_over_compiled": round(med["compiled"] / med["native"], 3),
         "gb_per_s": {k: round(weight_bytes / v / 1e6, 1) for k, v in med.items()},
@@ -92,7 +97,9 @@ def main() -> None:
             med = row["decode_ms_per_token_median"]
             print(f"{name} {fmt:>16}: native {med['native']:.2f} ms/token, compiled "
                   f"{med['compiled']:.2f} ({row['speedup_native_over_compiled']}x; "
-                  f"{row['gb_per_s']['native']} vs {row['gb_per_s']['compiled']} GB/s; "
+                  f"{row['gb_per_s']['native']} vs {row['gb_per_s']['compiled']} GB/s; first "
+                  f"token {row['time_to_first_token_ms_median']['native']} vs "
+                  f"{row['time_to_first_token_ms_median']['compiled']} ms; "
                   f"same tokens: {row['same_tokens']})", flush=True)
     result = {"device": describe(detect("cpu")), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "tokens": args.tokens, "rounds": args.rounds,

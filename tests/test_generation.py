@@ -194,7 +194,7 @@ def test_compiled_prompt_layer_keeps_layers_of_different_formats_apart():
     the float layer gets a graph of its own and the prompt's logits and cache match the eager
     prefill's (a graph reused across formats would read the float weight as int8)."""
     model = quantize_weights_int8(tiny_gpt2(), skip=["transformer.h.1.mlp.c_fc"])
-    fast, eager = FastGenerator(model), FastGenerator(model, compile=False)
+    fast, eager = FastGenerator(model, native_step=False), FastGenerator(model, compile=False)
     prompt = torch.randint(2, 97, (1, 12), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(prompt)
     fast_cache, eager_cache = fast._cache(1, 16), eager._cache(1, 16)

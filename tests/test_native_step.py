@@ -131,11 +131,39 @@ def test_generator_takes_it_for_one_sequence_and_matches_the_eager_tokens():
     got = fast.generate(prompt, max_new_tokens=100, min_new_tokens=100)  # a 128-slot cache
     assert torch.equal(got, eager.generate(prompt, max_new_tokens=100, min_new_tokens=100))
     assert fast.stats["compiles"] == 0 and fast.stats["cache_length"] == 128
-    with pytest.raises(ValueError, match="past the model's 128 positions"):
+    with pytest.raises(ValueError, match="positions below the model's 128"):
         gpt2 = FastGenerator(tiny("gpt2"))
         cache = gpt2._cache(1, 200)
         gpt2._native(torch.tensor([1]), torch.tensor([128]), torch.tensor([3]), cache.k, cache.v,
                      cache.valid, True, torch.zeros(VOCAB, dtype=torch.bool))
+
+
+@needs_kernel
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("fmt", ["fp32", "int8-weight-only"])
+def test_short_prompts_are_prefilled_by_the_kernel_as_the_decoder_does(family, fmt):
+    """All of a prompt's tokens per pass over the weights (4 at a time, so 7 and 13 leave tails),
+    left padding included: the decoder's prefill, the same cache, the same next positions."""
+    model = in_format(tiny(family), fmt)
+    fast = FastGenerator(model)
+    decoder = fast.decoder
+    for length, pad in ((1, 0), (7, 0), (13, 5)):
+        ids = torch.randint(0, VOCAB, (1, length), generator=torch.Generator().manual_seed(length))
+        mask = torch.ones_like(ids)
+        mask[:, :pad] = 0
+        with torch.inference_mode():
+            mine, theirs = decoder.new_cache(1, 64, torch.device("cpu")), fast._cache(1, 64)
+            want, want_next = decoder.prefill(mine, ids, mask)
+            got, got_next = fast._prefill(theirs, ids, mask)
+        # fp32 activations in both; int8 weight-only's eager prefill rounds them to bf16
+        tol = 1e-5 if fmt == "fp32" else 2e-2
+        assert float((got - want).abs().max() / want.abs().max()) < tol
+        assert torch.equal(got_next, want_next) and torch.equal(theirs.valid, mine.valid)
+        real = mask[0].bool()
+        for a, b in zip(theirs.k + theirs.v, mine.k + mine.v, strict=True):
+            torch.testing.assert_close(a[:, :, :length][:, :, real], b[:, :, :length][:, :, real],
+                                       atol=tol, rtol=tol)
+    assert fast.stats["prompt_compiles"] == 0  # nothing compiled for them
 
 
 def test_where_it_cannot_run_the_generator_says_why_and_explicit_requests_raise(monkeypatch):

@@ -12,7 +12,7 @@ from torch import nn
 from torchbridge.backends import synchronize
 from torchbridge.generation.compiling import compiled_prompt_layer, inductor_options, own_method
 from torchbridge.generation.decoders import DECODERS, CausalDecoder, StaticKVCache
-from torchbridge.generation.native_step import NativeStep
+from torchbridge.generation.native_step import NATIVE_PROMPT_TOKENS, NativeStep
 from torchbridge.generation.sampling import (
     MIN_LENGTH_RULES,
     SUPPORTED_ARGS,
@@ -329,6 +329,9 @@ class FastGenerator:
 
     def _prefill(self, cache: StaticKVCache, input_ids: torch.Tensor,
                  attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._native is not None and input_ids.shape[0] == 1 \
+                and input_ids.shape[1] <= NATIVE_PROMPT_TOKENS:
+            return self._native.prefill(cache, input_ids, attention_mask)
         if self._prompt_layer is None:
             return self.decoder.prefill(cache, input_ids, attention_mask)
         # a graph per batch-size class, cache length and layer format: more than dynamo's

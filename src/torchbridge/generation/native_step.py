@@ -6,7 +6,8 @@ blocks of the projections) and dynamo's entry and guards: ~1 ms of a ~13 ms fp32
 ~6 ms int8 one on the development CPU. `NativeStep` describes the decoder's weights to the
 kernel once (pointers into the decoder's own buffers, nothing copied but the int8-dynamic row
 sums) and runs each step as one ctypes call. int8-dynamic projections run on AVX512_VNNI there,
-where inductor's reduction converted every int8 weight to fp32 first.
+where inductor's reduction converted every int8 weight to fp32 first. Short prompts of one
+sequence go through the same kernel (`prefill`), all their tokens per pass over the weights.
 
 `NativeStep.unavailable(decoder)` says why a decoder cannot run on it (no kernel library on this
 CPU, a weight format or activation the kernel does not implement); FastGenerator then keeps the
@@ -22,10 +23,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchbridge.generation.decoders import CausalDecoder, GPT2Decoder, LlamaDecoder
+from torchbridge.generation.decoders import (
+    CausalDecoder,
+    GPT2Decoder,
+    LlamaDecoder,
+    StaticKVCache,
+)
 from torchbridge.generation.projections import DynamicProj, Proj, ProjGroup
 
-__all__ = ["NativeStep"]
+__all__ = ["NativeStep", "NATIVE_PROMPT_TOKENS"]
+
+# One sequence's prompts up to this many tokens are prefilled by the native kernel too (each
+# weight block read once for the prompt, 4 tokens a pass); longer ones by the compiled prompt
+# layer's GEMMs. GPT-2, prefill ms native / compiled (ad hoc, 2 threads): 16 tokens fp32 33 / 79,
+# bf16 25 / 35, int8-dynamic 11 / 24, int8-weight-only 23 / 27; at 32 tokens bf16 and
+# int8-weight-only (weights converted once per 4 tokens) fell behind the GEMMs.
+NATIVE_PROMPT_TOKENS = 16
 
 # decode_step.cpp's enums
 _FORMATS = {torch.float32: 0, torch.bfloat16: 1}
@@ -54,7 +67,7 @@ class _Layer(ctypes.Structure):
 class _Model(ctypes.Structure):
     _fields_ = [*((name, c_int32) for name in (
         "family", "act", "layers", "hidden", "heads", "kv_heads", "head_dim", "inter", "vocab",
-        "embed_format")),
+        "embed_format", "max_positions", "reserved")),
         ("eps", c_float), ("rope_scaling", c_float), ("layer", c_void_p), ("embed", c_void_p),
         ("positions", c_void_p), ("inv_freq", c_void_p), ("norm_w", c_void_p),
         ("norm_b", c_void_p), ("head", _Group)]
@@ -163,7 +176,8 @@ class NativeStep:
         model = _Model(
             family=_FAMILIES[type(d)], act=_ACTIVATIONS[d.act_name], layers=d.n_layers,
             hidden=embed.shape[1], heads=d.n_heads, kv_heads=d.n_kv_heads, head_dim=d.head_dim,
-            inter=inter, vocab=self._vocab(d), embed_format=_FORMATS[embed.dtype], eps=d.eps,
+            inter=inter, vocab=self._vocab(d), embed_format=_FORMATS[embed.dtype],
+            max_positions=d.max_positions or 0, eps=d.eps,
             rope_scaling=1.0 if gpt2 else d.rope_scaling, layer=ctypes.addressof(layers),
             embed=embed.data_ptr(), positions=d.wpe.data_ptr() if gpt2 else None,
             inv_freq=None if gpt2 else d.inv_freq.data_ptr(),
@@ -195,6 +209,30 @@ class NativeStep:
             self._caches[key] = found
         return found
 
+    def _run(self, tokens: torch.Tensor, positions: torch.Tensor, first_slot: int,
+             k_cache: list[torch.Tensor], v_cache: list[torch.Tensor], valid: torch.Tensor,
+             banned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens, positions: int64 [count] of one sequence from cache slot ``first_slot``;
+        (the last token's logits [1, V], its greedy next token [1])."""
+        count, length = tokens.numel(), valid.shape[1]
+        keys, values = self._cache_pointers(k_cache, v_cache)
+        need = self._library.tb_decode_scratch(ctypes.byref(self.model), count, length)
+        if self._scratch.numel() < need:
+            self._scratch = torch.empty(need, dtype=torch.float32)
+        logits = torch.empty(1, self.model.vocab, dtype=torch.float32)
+        status = self._library.tb_decode_tokens(
+            ctypes.byref(self.model), tokens.data_ptr(), positions.data_ptr(), count, first_slot,
+            length, keys, values, valid.data_ptr(), banned.data_ptr(), self._scratch.data_ptr(),
+            logits.data_ptr(), ctypes.byref(self._next), torch.get_num_threads())
+        if status:
+            limit = self.model.max_positions or None
+            raise ValueError(
+                f"the native decode step refused tokens {tokens.tolist()[:8]} at positions "
+                f"{positions.tolist()[:8]} from cache slot {first_slot} of {length}: tokens must "
+                f"be in 0..{self.model.vocab - 1}" + (f", positions below the model's {limit}"
+                                                       if limit else ""))
+        return logits, torch.tensor([self._next.value])
+
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache_pos: torch.Tensor,
                  k_cache: list[torch.Tensor], v_cache: list[torch.Tensor], valid: torch.Tensor,
                  gemv: bool, banned: torch.Tensor,
@@ -203,21 +241,20 @@ class NativeStep:
         positions, next cache slot)."""
         if tokens.numel() != 1:
             raise ValueError(f"the native decode step runs one sequence, got {tokens.numel()}")
-        position, length = int(positions[0]), valid.shape[1]
-        limit = self.decoder.max_positions
-        if limit is not None and position >= limit:
-            raise ValueError(f"position {position} is past the model's {limit} positions")
-        keys, values = self._cache_pointers(k_cache, v_cache)
-        need = self._library.tb_decode_scratch(ctypes.byref(self.model), length)
-        if self._scratch.numel() < need:
-            self._scratch = torch.empty(need, dtype=torch.float32)
-        logits = torch.empty(1, self.model.vocab, dtype=torch.float32)
-        status = self._library.tb_decode_step(
-            ctypes.byref(self.model), int(tokens[0]), position, int(cache_pos[0]), length, keys,
-            values, valid.data_ptr(), banned.data_ptr(), self._scratch.data_ptr(),
-            logits.data_ptr(), ctypes.byref(self._next), torch.get_num_threads())
-        if status:
-            raise ValueError(f"native decode step refused token {int(tokens[0])} at cache slot "
-                             f"{int(cache_pos[0])} of {length}")
-        greedy = torch.tensor([self._next.value])
+        logits, greedy = self._run(tokens.to(torch.int64).contiguous(), positions.contiguous(),
+                                   int(cache_pos[0]), k_cache, v_cache, valid, banned)
         return logits, greedy, positions + 1, cache_pos + 1
+
+    def prefill(self, cache: StaticKVCache, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`CausalDecoder.prefill` of one (left padded) prompt [1, T] through the same kernel, the
+        T tokens together: each weight block is read once for all of them."""
+        mask = attention_mask.to(torch.bool)
+        t = input_ids.shape[1]
+        cache.valid.fill_(True)
+        cache.valid[:, :t] = mask
+        positions = (mask.long().cumsum(-1) - 1).masked_fill(~mask, 0)
+        no_ban = torch.zeros(self.model.vocab, dtype=torch.bool)
+        logits, _ = self._run(input_ids[0].to(torch.int64).contiguous(), positions[0].contiguous(),
+                              0, cache.k, cache.v, cache.valid, no_ban)
+        return logits, positions[:, -1] + 1

@@ -7,6 +7,8 @@ times for the softmax. ``attention_bf16.cpp`` does a (sequence, head) at a time 
 AVX512_BF16 dot products, an fp32 softmax and no copies of q/k/v, and takes sequences packed back
 to back, so a batch with its padding removed attends in one call. ``layer_norm_bf16.cpp`` ends a
 post-LN encoder block: the residual add and the LayerNorm in one pass over the rows.
+``decode_step.cpp`` is a GPT-2 or Llama batch-1 decode step in one call
+(generation/native_step.py binds it).
 
 It is plain C++ without torch's headers, so it builds in about a second, the way inductor builds
 its CPU kernels (same compiler, ``-march=native``, OpenMP). The shared library is cached under
@@ -81,18 +83,18 @@ def _library() -> ctypes.CDLL | str:
         ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p, ctypes.c_long, ctypes.c_long,
         ctypes.c_int, ctypes.c_int]
     library.tb_decode_scratch.restype = ctypes.c_long
-    library.tb_decode_scratch.argtypes = [ctypes.c_void_p, ctypes.c_long]
-    library.tb_decode_step.restype = ctypes.c_int
-    library.tb_decode_step.argtypes = [
-        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-        ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p,
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64),
-        ctypes.c_int]
+    library.tb_decode_scratch.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long]
+    library.tb_decode_tokens.restype = ctypes.c_int
+    library.tb_decode_tokens.argtypes = [
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+        ctypes.c_int64, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_void_p),
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.POINTER(ctypes.c_int64), ctypes.c_int]
     return library
 
 
 def unavailable() -> str | None:
-    """Why `attention` cannot run on this machine, or None."""
+    """Why the kernels cannot run on this machine, or None."""
     library = _library()
     return library if isinstance(library, str) else None
 

@@ -52,6 +52,7 @@ struct Layer {
 
 struct Model {
   int32_t family, act, layers, hidden, heads, kv_heads, head_dim, inter, vocab, embed_format;
+  int32_t max_positions, reserved;  // max_positions: GPT-2's table, 0 for none
   float eps, rope_scaling;
   const Layer* layer;
   const void* embed;      // [vocab, hidden] fp32 or bf16 (embed_format)
@@ -66,6 +67,9 @@ struct Model {
 // one stream (GPT-2's 124M fp32 weights, 2 threads, ad hoc: 45 GB/s against 30 for blocks of 4
 // adjacent rows and 36 for one row at a time; 42 for 8 streams).
 constexpr int kStreams = 4;
+// Tokens of a prompt a GEMV block computes per pass over its weight rows (kStreams x kTokens
+// accumulators: 16 of the 32 vector registers).
+constexpr int kTokens = 4;
 
 inline __mmask16 tail_mask(int remaining) {
   return remaining >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << remaining) - 1);
@@ -87,45 +91,70 @@ inline __m512 load_weights(const Proj& p, int row, int k, __mmask16 m) {
   }
 }
 
-// Rows rows[0..N) of a float or int8-weight-only projection: out[r] = x . W[rows[r]].
-template <int F, int N>
-void float_block(const Proj& p, const float* x, const int* rows, float* out) {
+// Rows rows[0..N) of a float or int8-weight-only projection for T tokens (rows of x at
+// x_stride): out[t * N + r] = x[t] . W[rows[r]]. Each weight vector is loaded and converted once
+// for the T tokens.
+template <int F, int N, int T>
+void float_block(const Proj& p, const float* x, long x_stride, const int* rows, float* out) {
   Proj q = p;
   q.format = F;  // the switch in load_weights folds away per instantiation
-  __m512 acc[N];
-  for (int r = 0; r < N; ++r) acc[r] = _mm512_setzero_ps();
+  __m512 acc[T][N];
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < N; ++r) acc[t][r] = _mm512_setzero_ps();
   for (int k = 0; k < p.in; k += 16) {
     const __mmask16 m = tail_mask(p.in - k);
-    const __m512 xv = _mm512_maskz_loadu_ps(m, x + k);
-    for (int r = 0; r < N; ++r) acc[r] = _mm512_fmadd_ps(xv, load_weights(q, rows[r], k, m), acc[r]);
+    __m512 w[N];
+    for (int r = 0; r < N; ++r) w[r] = load_weights(q, rows[r], k, m);
+    for (int t = 0; t < T; ++t) {
+      const __m512 xv = _mm512_maskz_loadu_ps(m, x + t * x_stride + k);
+      for (int r = 0; r < N; ++r) acc[t][r] = _mm512_fmadd_ps(xv, w[r], acc[t][r]);
+    }
   }
-  for (int r = 0; r < N; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < N; ++r) out[t * N + r] = _mm512_reduce_add_ps(acc[t][r]);
 }
 
-// Rows rows[0..N) of an int8-dynamic projection: out[r] = codes . W[rows[r]], in int32.
-template <int N>
+// Rows rows[0..N) of an int8-dynamic projection for T tokens' codes (p.in bytes apart):
+// out[t * N + r] = codes[t] . W[rows[r]], in int32.
+template <int N, int T>
 void int8_block(const Proj& p, const uint8_t* codes, const int* rows, int32_t* out) {
   const int8_t* w = static_cast<const int8_t*>(p.weight);
-  __m512i acc[N];
-  for (int r = 0; r < N; ++r) acc[r] = _mm512_setzero_si512();
+  __m512i acc[T][N];
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < N; ++r) acc[t][r] = _mm512_setzero_si512();
   for (int k = 0; k < p.in; k += 64) {
     const __mmask64 m = p.in - k >= 64 ? ~__mmask64(0) : (__mmask64(1) << (p.in - k)) - 1;
-    const __m512i xv = _mm512_maskz_loadu_epi8(m, codes + k);
-    for (int r = 0; r < N; ++r)
-      acc[r] = _mm512_dpbusd_epi32(acc[r], xv,
-                                   _mm512_maskz_loadu_epi8(m, w + size_t(rows[r]) * p.in + k));
+    __m512i wv[N];
+    for (int r = 0; r < N; ++r) wv[r] = _mm512_maskz_loadu_epi8(m, w + size_t(rows[r]) * p.in + k);
+    for (int t = 0; t < T; ++t) {
+      const __m512i xv = _mm512_maskz_loadu_epi8(m, codes + long(t) * p.in + k);
+      for (int r = 0; r < N; ++r) acc[t][r] = _mm512_dpbusd_epi32(acc[t][r], xv, wv[r]);
+    }
   }
-  for (int r = 0; r < N; ++r) out[r] = _mm512_reduce_add_epi32(acc[r]);
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < N; ++r) out[t * N + r] = _mm512_reduce_add_epi32(acc[t][r]);
 }
 
-template <int N>
-void block(const Proj& p, const float* x, const uint8_t* codes, const int* rows, float* raw,
-           int32_t* sums) {
+template <int N, int T>
+void block(const Proj& p, const float* x, long x_stride, const uint8_t* codes, const int* rows,
+           float* raw, int32_t* sums) {
   switch (p.format) {
-    case FP32: float_block<FP32, N>(p, x, rows, raw); break;
-    case BF16: float_block<BF16, N>(p, x, rows, raw); break;
-    case INT8_WEIGHT_ONLY: float_block<INT8_WEIGHT_ONLY, N>(p, x, rows, raw); break;
-    default: int8_block<N>(p, codes, rows, sums); break;
+    case FP32: float_block<FP32, N, T>(p, x, x_stride, rows, raw); break;
+    case BF16: float_block<BF16, N, T>(p, x, x_stride, rows, raw); break;
+    case INT8_WEIGHT_ONLY: float_block<INT8_WEIGHT_ONLY, N, T>(p, x, x_stride, rows, raw); break;
+    default: int8_block<N, T>(p, codes, rows, sums); break;
+  }
+}
+
+// Tokens [t0, t0 + T) of rows rows[0..N): T in 1..kTokens, the template instance at run time.
+template <int N>
+void block_tokens(int tokens, const Proj& p, const float* x, long x_stride, const uint8_t* codes,
+                  const int* rows, float* raw, int32_t* sums) {
+  switch (tokens) {
+    case 1: block<N, 1>(p, x, x_stride, codes, rows, raw, sums); break;
+    case 2: block<N, 2>(p, x, x_stride, codes, rows, raw, sums); break;
+    case 3: block<N, 3>(p, x, x_stride, codes, rows, raw, sums); break;
+    default: block<N, kTokens>(p, x, x_stride, codes, rows, raw, sums); break;
   }
 }
 
@@ -160,39 +189,54 @@ void quantize_token(const Proj& p, const float* x, uint8_t* codes, float* scratc
   *zero = z;
 }
 
-// y = group(x), or y += group(x) (the residual add). Parts write side by side. `work`: two
-// floats per input feature.
-void project(const Group& g, const float* x, float* y, bool accumulate, float* work,
-             int threads) {
+// y = group(x), or y += group(x) (the residual add), for `count` tokens (rows of x and y at
+// the given strides). Parts write side by side. `work`: (2 + count) floats per input feature and
+// 2 per token. Each block of weight rows is read from memory once for all the tokens.
+void project(const Group& g, const float* x, long x_stride, float* y, long y_stride, int count,
+             bool accumulate, float* work, int threads) {
   for (int i = 0; i < g.parts; ++i) {
     const Proj& p = g.part[i];
-    float scale = 1.0f, zero = 0.0f;
-    uint8_t* codes = reinterpret_cast<uint8_t*>(work + p.in);
-    if (p.format == INT8_DYNAMIC) quantize_token(p, x, codes, work, &scale, &zero);
+    float* scale = work + 2L * p.in;
+    float* zero = scale + count;
+    uint8_t* codes = reinterpret_cast<uint8_t*>(zero + count);
+    if (p.format == INT8_DYNAMIC)
+      for (int t = 0; t < count; ++t)
+        quantize_token(p, x + t * x_stride, codes + long(t) * p.in, work, scale + t, zero + t);
     // step i < chunk reads rows i, chunk + i, ...; the steps after it one leftover row each
     const int chunk = p.out / kStreams, leftover = p.out - chunk * kStreams;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int i = 0; i < chunk + leftover; ++i) {
       int rows[kStreams], n = 1;
-      float raw[kStreams];
-      int32_t sums[kStreams];
       if (i < chunk) {
         for (int r = 0; r < kStreams; ++r) rows[r] = r * chunk + i;
         n = kStreams;
-        block<kStreams>(p, x, codes, rows, raw, sums);
       } else {
         rows[0] = kStreams * chunk + (i - chunk);
-        block<1>(p, x, codes, rows, raw, sums);
       }
-      for (int r = 0; r < n; ++r) {
-        const int o = rows[r];
-        float v;
-        if (p.format == INT8_DYNAMIC)  // (codes - zero) . W, exact in int32, then rescaled
-          v = float(sums[r] - int32_t(zero) * p.row_sums[o]) * (scale * p.scales[o]);
+      for (int t0 = 0; t0 < count; t0 += kTokens) {
+        const int tokens = count - t0 < kTokens ? count - t0 : kTokens;
+        float raw[kTokens * kStreams];
+        int32_t sums[kTokens * kStreams];
+        const float* xt = x + t0 * x_stride;
+        const uint8_t* ct = codes + long(t0) * p.in;
+        if (n == kStreams)
+          block_tokens<kStreams>(tokens, p, xt, x_stride, ct, rows, raw, sums);
         else
-          v = p.scales ? raw[r] * p.scales[o] : raw[r];
-        if (p.bias) v += p.bias[o];
-        y[o] = accumulate ? y[o] + v : v;
+          block_tokens<1>(tokens, p, xt, x_stride, ct, rows, raw, sums);
+        for (int tt = 0; tt < tokens; ++tt) {
+          const int t = t0 + tt;
+          float* yt = y + t * y_stride;
+          for (int r = 0; r < n; ++r) {
+            const int o = rows[r], at = tt * n + r;
+            float v;
+            if (p.format == INT8_DYNAMIC)  // (codes - zero) . W, exact in int32, then rescaled
+              v = float(sums[at] - int32_t(zero[t]) * p.row_sums[o]) * (scale[t] * p.scales[o]);
+            else
+              v = p.scales ? raw[at] * p.scales[o] : raw[at];
+            if (p.bias) v += p.bias[o];
+            yt[o] = accumulate ? yt[o] + v : v;
+          }
+        }
       }
     }
     y += p.out;
@@ -293,15 +337,16 @@ float dot(const float* a, const float* b, int n) {
   return _mm512_reduce_add_ps(acc);
 }
 
-// Query head h against its kv head's cache [length, d]: softmax(q k^T * scale) v over the
-// allowed slots (valid and <= slot; the current slot always is).
+// A query at `slot` against its kv head's cache [length, d]: softmax(q k^T * scale) v over the
+// slots it may read: up to its own, valid ones (left padding is not), and always its own (a
+// padding query of a prompt sees itself only, as the decoder's prefill has it).
 void attend(const Model& m, const float* q, const float* keys, const float* values,
             const uint8_t* valid, int64_t slot, int64_t length, float scale, float* scores,
             float* out) {
   const int d = m.head_dim;
   float top = -INFINITY;
   for (int64_t j = 0; j < length; ++j) {
-    if (j > slot || !valid[j]) {
+    if (j > slot || (!valid[j] && j != slot)) {
       scores[j] = -INFINITY;
       continue;
     }
@@ -345,63 +390,80 @@ long widest(const Model& m) {
 
 extern "C" {
 
-// Scratch floats tb_decode_step needs for a cache of `length` slots.
-long tb_decode_scratch(const Model* m, long length) {
+// Scratch floats tb_decode_tokens needs for `count` tokens and a cache of `length` slots.
+long tb_decode_scratch(const Model* m, long count, long length) {
   const long wide = widest(*m);
-  return 3L * m->hidden + long(2 * m->heads + 2 * m->kv_heads) * m->head_dim + 3 * wide + length;
+  const long per_token = 3L * m->hidden + long(2 * m->heads + 2 * m->kv_heads) * m->head_dim + wide;
+  return count * per_token + (2 + count) * wide + 2 * count + length;
 }
 
-// Token `token` at model position `position`, written to cache slot `slot` of caches
-// k[layer], v[layer] ([kv_heads, length, head_dim] fp32 each); valid[length] marks the slots a
-// query may read (left padding is false). Writes logits[vocab] and the greedy next token (the
-// first maximum among tokens not banned[]). Returns 0, or 1 for a bad argument.
-int tb_decode_step(const Model* model, int64_t token, int64_t position, int64_t slot,
-                   int64_t length, float* const* k_cache, float* const* v_cache,
-                   const uint8_t* valid, const uint8_t* banned, float* scratch, float* logits,
-                   int64_t* next_token, int threads) {
+// `count` tokens of one sequence at model positions positions[], written to cache slots
+// first_slot .. first_slot + count - 1 of caches k[layer], v[layer] ([kv_heads, length,
+// head_dim] fp32 each): one decode step (count 1) or a short prompt. valid[length] marks the
+// slots a query may read (left padding is false). Writes the last token's logits[vocab] and its
+// greedy next token (the first maximum among tokens not banned[]). Returns 0, or 1 for a token,
+// position or slot out of range.
+int tb_decode_tokens(const Model* model, const int64_t* tokens, const int64_t* positions,
+                     int64_t count, int64_t first_slot, int64_t length, float* const* k_cache,
+                     float* const* v_cache, const uint8_t* valid, const uint8_t* banned,
+                     float* scratch, float* logits, int64_t* next_token, int threads) {
   const Model& m = *model;
-  if (token < 0 || token >= m.vocab || slot < 0 || slot >= length || position < 0) return 1;
-  const int c = m.hidden, d = m.head_dim;
-  const long wide = widest(m);
+  if (count < 1 || first_slot < 0 || first_slot + count > length) return 1;
+  for (int64_t t = 0; t < count; ++t)
+    if (tokens[t] < 0 || tokens[t] >= m.vocab || positions[t] < 0 ||
+        (m.max_positions && positions[t] >= m.max_positions))
+      return 1;
+  const int c = m.hidden, d = m.head_dim, n = int(count);
+  const long wide = widest(m), qw = long(m.heads + 2 * m.kv_heads) * d, aw = long(m.heads) * d;
   float* h = scratch;
-  float* x = h + c;
-  float* qkv = x + c;
-  float* att = qkv + long(m.heads + 2 * m.kv_heads) * d;
-  float* mid = att + long(m.heads) * d + c;
-  float* work = mid + wide;  // project()'s: two floats per input feature
-  float* scores = work + 2 * wide;
+  float* x = h + n * long(c);
+  float* qkv = x + n * long(c);
+  float* att = qkv + n * qw;
+  float* mid = att + n * aw + n * long(c);
+  float* work = mid + n * wide;
+  float* scores = work + (2 + n) * wide + 2 * n;
 
-  embed_row(m, m.embed, token, h, false);
-  if (m.positions) embed_row(m, m.positions, position, h, true);
+  for (int t = 0; t < n; ++t) {
+    embed_row(m, m.embed, tokens[t], h + t * long(c), false);
+    if (m.positions) embed_row(m, m.positions, positions[t], h + t * long(c), true);
+  }
   const int group = m.heads / m.kv_heads;
   for (int l = 0; l < m.layers; ++l) {
     const Layer& layer = m.layer[l];
-    normalize(m, h, layer.norm1_w, layer.norm1_b, x);
-    project(layer.qkv, x, qkv, false, work, threads);
-    float* q = qkv;
-    float* k = q + long(m.heads) * d;
-    float* v = k + long(m.kv_heads) * d;
-    if (m.family == LLAMA) {
-      for (int i = 0; i < m.heads; ++i) rope(m, q + long(i) * d, position);
-      for (int i = 0; i < m.kv_heads; ++i) rope(m, k + long(i) * d, position);
+    for (int t = 0; t < n; ++t)
+      normalize(m, h + t * long(c), layer.norm1_w, layer.norm1_b, x + t * long(c));
+    project(layer.qkv, x, c, qkv, qw, n, false, work, threads);
+    for (int t = 0; t < n; ++t) {
+      float* q = qkv + t * qw;
+      float* k = q + aw;
+      float* v = k + long(m.kv_heads) * d;
+      const int64_t slot = first_slot + t;
+      if (m.family == LLAMA) {
+        for (int i = 0; i < m.heads; ++i) rope(m, q + long(i) * d, positions[t]);
+        for (int i = 0; i < m.kv_heads; ++i) rope(m, k + long(i) * d, positions[t]);
+      }
+      for (int i = 0; i < m.kv_heads; ++i) {
+        std::memcpy(k_cache[l] + (i * length + slot) * d, k + long(i) * d, d * sizeof(float));
+        std::memcpy(v_cache[l] + (i * length + slot) * d, v + long(i) * d, d * sizeof(float));
+      }
     }
-    for (int i = 0; i < m.kv_heads; ++i) {
-      std::memcpy(k_cache[l] + (i * length + slot) * d, k + long(i) * d, d * sizeof(float));
-      std::memcpy(v_cache[l] + (i * length + slot) * d, v + long(i) * d, d * sizeof(float));
-    }
-    for (int i = 0; i < m.heads; ++i) {
-      const long kv = long(i / group) * length * d;
-      attend(m, q + long(i) * d, k_cache[l] + kv, v_cache[l] + kv, valid, slot, length,
-             layer.attn_scale, scores, att + long(i) * d);
-    }
-    project(layer.o, att, h, true, work, threads);
-    normalize(m, h, layer.norm2_w, layer.norm2_b, x);
-    project(layer.up, x, mid, false, work, threads);
-    activate(m.act, mid, m.family == LLAMA ? mid + m.inter : nullptr, m.inter);
-    project(layer.down, mid, h, true, work, threads);
+    for (int t = 0; t < n; ++t)
+      for (int i = 0; i < m.heads; ++i) {
+        const long kv = long(i / group) * length * d;
+        attend(m, qkv + t * qw + long(i) * d, k_cache[l] + kv, v_cache[l] + kv, valid,
+               first_slot + t, length, layer.attn_scale, scores, att + t * aw + long(i) * d);
+      }
+    project(layer.o, att, aw, h, c, n, true, work, threads);
+    for (int t = 0; t < n; ++t)
+      normalize(m, h + t * long(c), layer.norm2_w, layer.norm2_b, x + t * long(c));
+    project(layer.up, x, c, mid, wide, n, false, work, threads);
+    for (int t = 0; t < n; ++t)
+      activate(m.act, mid + t * wide, m.family == LLAMA ? mid + t * wide + m.inter : nullptr,
+               m.inter);
+    project(layer.down, mid, wide, h, c, n, true, work, threads);
   }
-  normalize(m, h, m.norm_w, m.norm_b, x);
-  project(m.head, x, logits, false, work, threads);
+  normalize(m, h + (n - 1) * long(c), m.norm_w, m.norm_b, x);
+  project(m.head, x, c, logits, m.vocab, 1, false, work, threads);
   int64_t best = -1;
   float top = -INFINITY;
   for (int64_t i = 0; i < m.vocab; ++i) {
