@@ -1,5 +1,6 @@
-// One batch-1 decode step of a GPT-2 or Llama decoder in one call, for x86 CPUs with AVX-512
-// (built and loaded by torchbridge/kernels/__init__.py, driven by generation/native_step.py).
+// One batch-1 decode step of a GPT-2 or Llama decoder in one call, or a short prompt of one
+// sequence, for x86 CPUs with AVX-512 (built and loaded by torchbridge/kernels/__init__.py,
+// driven by generation/native_step.py).
 //
 // A decode step streams every weight once. Compiled by inductor, the step's kernels read them at
 // the memory's rate, but each step also paid its Python wrapper (~400 buffer views and
