@@ -73,7 +73,7 @@ class FastGenerator:
                 f"{self.device.type}): the prompt's layers are compiled on CPUs only; leave "
                 f"compile_prompt unset for the default")
         self.decoder: CausalDecoder = DECODERS[model.config.model_type](model).eval()
-        self._native = self._native_step(native_step, compile)
+        self._native, decode_step = self._native_step(native_step, compile)
         self.compile = compile
         self.compile_mode = compile_mode
         self._caches: OrderedDict[tuple[int, int], StaticKVCache] = OrderedDict()
@@ -88,7 +88,7 @@ class FastGenerator:
             "compiled": compile,
             "compile_mode": compile_mode,
             "weight_bytes_per_token": self.decoder.weight_bytes_per_token(),
-            "decode_step": self.stats_decode_step if compile else "eager",
+            "decode_step": decode_step,  # which step one sequence's tokens take, and why
         }
         if compile:
             import torch._inductor.inductor_prims  # noqa: F401  (used by projections._realize)
@@ -120,7 +120,8 @@ class FastGenerator:
                                                             counting("prompt_compiles"))
 
             def step(first: bool, *args: Any) -> Any:
-                if self._native is not None and args[6]:  # gemv: one sequence
+                gemv = args[6]  # one sequence
+                if self._native is not None and gemv:
                     return self._native(*args)
                 if not first:
                     return compiled(*args)
@@ -132,22 +133,26 @@ class FastGenerator:
 
             self._step = step
 
-    def _native_step(self, asked: bool | None, compile: bool) -> NativeStep | None:
-        """The C++ decode step for one sequence (generation/native_step.py): used where it can
-        run when compiling on a CPU (``native_step=None``), never with False; True raises where
-        it cannot run. ``stats["decode_step"]`` says which step one-sequence decoding takes."""
-        why = None
-        if not compile or self.device.type != "cpu":
-            why = f"compile={compile} on {self.device.type}: the native step is a compiled CPU path"
+    def _native_step(self, asked: bool | None, compile: bool) -> tuple[NativeStep | None, str]:
+        """The C++ decode step for one sequence (generation/native_step.py) and what the stats
+        say of it: used where it can run when compiling on a CPU (``native_step=None``), never
+        with False; True raises where it cannot run."""
+        if not compile:
+            why = "compile=False: the eager decoder is the reference"
+        elif self.device.type != "cpu":
+            why = f"it runs on CPUs, the model is on {self.device.type}"
         else:
             why = NativeStep.unavailable(self.decoder)
         if asked and why:
             raise ValueError(f"native_step=True, but the native decode step cannot run here: "
                              f"{why}; leave native_step unset to use the compiled step")
-        self.stats_decode_step = ("native (kernels/decode_step.cpp)" if not why and asked is not False
-                                  else "compiled" + (" (native step off)" if asked is False
-                                                     else f" (native step unavailable: {why})"))
-        return NativeStep(self.decoder) if not why and asked is not False else None
+        if not compile:
+            return None, "eager"
+        if asked is False:
+            return None, "compiled (native step off)"
+        if why:
+            return None, f"compiled (native step unavailable: {why})"
+        return NativeStep(self.decoder), "native (kernels/decode_step.cpp)"
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
