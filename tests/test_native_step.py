@@ -22,12 +22,13 @@ VOCAB = 301
 def tiny(family: str, **overrides) -> transformers.PreTrainedModel:
     torch.manual_seed(0)
     if family == "gpt2":  # 72 wide (4.5 vectors of 16), 3 heads of 24
-        cfg = transformers.GPT2Config(n_layer=2, n_embd=72, n_head=3, vocab_size=VOCAB,
-                                      n_positions=128, **overrides)
+        cfg = transformers.GPT2Config(**{"n_layer": 2, "n_embd": 72, "n_head": 3,
+                                         "vocab_size": VOCAB, "n_positions": 128, **overrides})
         return transformers.GPT2LMHeadModel(cfg).eval()
-    cfg = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=96, intermediate_size=136,
-                                   num_attention_heads=6, num_key_value_heads=2, vocab_size=VOCAB,
-                                   max_position_embeddings=256, **overrides)
+    cfg = transformers.LlamaConfig(**{
+        "num_hidden_layers": 2, "hidden_size": 96, "intermediate_size": 136,
+        "num_attention_heads": 6, "num_key_value_heads": 2, "vocab_size": VOCAB,
+        "max_position_embeddings": 256, **overrides})
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
@@ -76,6 +77,19 @@ def run_both(model: torch.nn.Module, steps: int = 16, banned: torch.Tensor | Non
 @pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8-weight-only", "int8-dynamic"])
 def test_native_step_computes_the_decoders_step(family, fmt):
     worst, same, kv = run_both(in_format(tiny(family), fmt))
+    assert worst < 1e-5 and same and kv < 1e-5
+
+
+@needs_kernel
+@pytest.mark.parametrize("fmt", ["fp32", "int8-dynamic"])
+def test_odd_widths_heads_and_one_kv_head(fmt):
+    """Widths, heads of 20 features and an MLP of 50 that fill no vector; all query heads on
+    one kv head."""
+    worst, same, kv = run_both(in_format(tiny("gpt2", n_embd=60, n_head=3, n_inner=50), fmt))
+    assert worst < 1e-5 and same and kv < 1e-5
+    llama = tiny("llama", hidden_size=80, num_attention_heads=5, num_key_value_heads=1,
+                 intermediate_size=44)
+    worst, same, kv = run_both(in_format(llama, fmt))
     assert worst < 1e-5 and same and kv < 1e-5
 
 
