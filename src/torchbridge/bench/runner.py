@@ -147,7 +147,9 @@ def _optimized_backend(spec: BenchSpec, wl: Workload, task: str) -> tuple[Backen
     if wl.generation:
         fast = fast_generator(model)  # the optimized model's own generate path
         if fast is not None:  # the library's decoding path: static KV cache, its decode step
-            step = fast.stats["decode_step"] if spec.batch_size == 1 else "compiled"
+            # the native step takes one sequence; batches run the compiled (or eager) one
+            step = fast.stats["decode_step"] if spec.batch_size == 1 \
+                else "compiled" if fast.compile else "eager"
             backend = torch_backend(model, wl, str(dtype), call=fast_generate_fn(
                 fast, wl.new_tokens), notes=f"{notes}, FastGenerator, {step} step")
             backend.weight_bytes = fast.stats.get("weight_bytes_per_token") or backend.weight_bytes

@@ -74,7 +74,7 @@ class _Model(ctypes.Structure):
 
 
 class _Unsupported(ValueError):
-    pass
+    """What `unavailable` reports: a decoder part the kernel does not implement."""
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:

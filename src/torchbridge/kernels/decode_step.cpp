@@ -80,11 +80,8 @@ inline __m512 load_weights(const Proj& p, int row, int k, __mmask16 m) {
   switch (p.format) {
     case FP32:
       return _mm512_maskz_loadu_ps(m, static_cast<const float*>(p.weight) + size_t(row) * p.in + k);
-    case BF16: {
-      const u16* w = static_cast<const u16*>(p.weight) + size_t(row) * p.in + k;
-      const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, w));
-      return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-    }
+    case BF16:
+      return load_bf16(static_cast<const u16*>(p.weight) + size_t(row) * p.in + k, m);
     default: {  // int8 weight-only
       const int8_t* w = static_cast<const int8_t*>(p.weight) + size_t(row) * p.in + k;
       return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, w)));

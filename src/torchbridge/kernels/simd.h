@@ -16,6 +16,12 @@ inline __m512 load_bf16(const u16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
 
+// the first bits of mask m of 16 bf16 -> fp32, zeros past them (a row's tail)
+inline __m512 load_bf16(const u16* p, __mmask16 m) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
 // 16 fp32 -> 16 bf16, rounded to nearest even
 inline void store_bf16(u16* p, __m512 x) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(x));
